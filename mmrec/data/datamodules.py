@@ -2,6 +2,10 @@
 
 Sequences are left-padded: the most recent item is always at position ``-1``, which is where both SASRec
 and the LLM read their prediction from, whatever the history's length.
+
+Training loaders are :class:`~mmrec.data.resumable.ResumableDataLoader` over an
+:class:`~mmrec.data.resumable.EpochSampler`: the order of every epoch is a function of the data module's
+``seed`` and the epoch, and a run killed mid-epoch resumes with exactly the batches it had not trained on.
 """
 
 from __future__ import annotations
@@ -15,7 +19,17 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmrec.data.prepared import ModalityEmbeddings, PreparedData, load_modality
+from mmrec.data.resumable import EpochSampler, ResumableDataLoader
 from mmrec.errors import InputError
+
+
+def _training_seed(seed: int | None) -> int:
+    """``seed``, or the seed the global torch RNG was last seeded with (the run's ``seed_everything``)."""
+    if seed is None:
+        return torch.initial_seed()
+    if seed < 0:
+        raise InputError(f"data.seed must be non-negative, got {seed}")
+    return seed
 
 
 def left_pad(histories: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,6 +71,13 @@ class SequenceDataModule(L.LightningDataModule):
             item as target (what the LLM recommender trains on).
         predict_split: which split ``predict_dataloader`` serves (``valid`` or ``test``).
         num_workers: DataLoader workers.
+        group_by_length: form training batches from samples of similar history length (shuffled with the
+            seed, cut into mega-chunks of 50 batches, each sorted by length and cut into batches, batches in
+            random order). Every batch is padded to its longest row, so with ``prefix`` samples (1 to
+            ``max_len`` items) grouping saves most of the padding the LLM would otherwise compute on.
+            Batches then differ from a plain shuffle's in which samples meet, not in what an epoch covers.
+        seed: seed of the training order (epoch ``e`` is a function of ``(seed, e)``); None takes the seed the
+            global torch RNG was last seeded with, i.e. the run's ``seed_everything``.
     """
 
     def __init__(
@@ -68,6 +89,8 @@ class SequenceDataModule(L.LightningDataModule):
         train_mode: Literal["shifted", "prefix"] = "shifted",
         predict_split: Literal["valid", "test"] = "test",
         num_workers: int = 0,
+        group_by_length: bool = False,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1:
@@ -79,6 +102,8 @@ class SequenceDataModule(L.LightningDataModule):
         self.train_mode = train_mode
         self.predict_split = predict_split
         self.num_workers = num_workers
+        self.group_by_length = group_by_length
+        self.seed = _training_seed(seed)
         self.prepared = PreparedData(run_dir)
 
     @property
@@ -89,7 +114,7 @@ class SequenceDataModule(L.LightningDataModule):
     def item_counts(self) -> np.ndarray:
         return self.prepared.train_item_counts
 
-    def train_dataset(self) -> Dataset:
+    def train_dataset(self) -> _Samples:
         histories, _ = self.prepared.histories("train")
         users, inputs, targets = [], [], []
         for user, seq in enumerate(histories):
@@ -124,23 +149,29 @@ class SequenceDataModule(L.LightningDataModule):
             batch["target"] = torch.as_tensor(targets, dtype=torch.long)
         return batch
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate,
+            dataset, batch_size=batch_size, collate_fn=self.collate,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset(), self.batch_size, shuffle=True)
+    def train_dataloader(self) -> ResumableDataLoader:
+        dataset = self.train_dataset()
+        lengths = [min(len(h), self.max_len) for h in dataset.histories] if self.group_by_length else None
+        sampler = EpochSampler(len(dataset), self.seed, self.batch_size, lengths)
+        return ResumableDataLoader(
+            dataset, sampler, self.batch_size, collate_fn=self.collate,
+            num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("valid"), self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_dataset("valid"), self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("test"), self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_dataset("test"), self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset(self.predict_split), self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_dataset(self.predict_split), self.eval_batch_size)
 
 
 class _ItemFeatures(Dataset):
@@ -177,7 +208,8 @@ class ItemFeatureDataModule(L.LightningDataModule):
     """Per-item embeddings of the chosen modalities with their masks, one row per item.
 
     Batches are dicts: ``item_idx [B]``, and for each modality ``m``: ``m [B, d_m]`` and ``m_present [B]``.
-    Training shuffles; validation and prediction walk every item in ``item_idx`` order.
+    Training shuffles (resumably, see :class:`~mmrec.data.resumable.ResumableDataLoader`); validation and
+    prediction walk every item in ``item_idx`` order.
 
     Args:
         run_dir: run directory; ``text``/``image`` come from ``prepare/``, ``collab`` from ``fit-collab/``.
@@ -185,6 +217,7 @@ class ItemFeatureDataModule(L.LightningDataModule):
         batch_size: training batch size.
         eval_batch_size: batch size for validation and prediction.
         num_workers: DataLoader workers.
+        seed: seed of the training order; None takes the run's ``seed_everything`` (see ``SequenceDataModule``).
     """
 
     def __init__(
@@ -194,6 +227,7 @@ class ItemFeatureDataModule(L.LightningDataModule):
         batch_size: int = 1024,
         eval_batch_size: int = 4096,
         num_workers: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         if not modalities:
@@ -205,6 +239,7 @@ class ItemFeatureDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
+        self.seed = _training_seed(seed)
         self.prepared = PreparedData(run_dir)
         self.tables = {m: load_modality(run_dir, m, self.prepared) for m in self.modalities}
         self.dataset = _ItemFeatures(self.tables)
@@ -217,16 +252,17 @@ class ItemFeatureDataModule(L.LightningDataModule):
     def input_dims(self) -> dict[str, int]:
         return {name: table.dim for name, table in self.tables.items()}
 
-    def _loader(self, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers, collate_fn=_already_batched,
+    def _loader(self, batch_size: int) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=_already_batched)
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        sampler = EpochSampler(len(self.dataset), self.seed)
+        return ResumableDataLoader(
+            self.dataset, sampler, self.batch_size, num_workers=self.num_workers, collate_fn=_already_batched,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.batch_size, shuffle=True)
-
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_batch_size, shuffle=False)
+        return self._loader(self.eval_batch_size)

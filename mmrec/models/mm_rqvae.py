@@ -43,6 +43,8 @@ from mmrec.models.residual_quantizer import Quantized, ResidualQuantizer
 QUANTIZER_JSON = "quantizer.json"
 QUANTIZER_WEIGHTS = "quantizer.safetensors"
 FORMAT = "mmrec.mm_rqvae/1"
+DEAD_CODE_STATS = "dead_code_stats"
+"""Checkpoint key of the quantizers' usage counts and residual pools (see ``MMRQVAE.on_save_checkpoint``)."""
 
 
 class InputNorm(nn.Module):
@@ -394,6 +396,29 @@ class MMRQVAE(L.LightningModule):
                     self.log(f"train/{m}/reseeded", count, on_step=False, on_epoch=True)
         for branch in self.branches.values():
             branch.quantizer.reset_usage()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the epoch's dead-code statistics (usage counts and residual pool) in the checkpoint.
+
+        They are training scratch, outside the state dict, but the next epoch's re-seeding reads them: a run
+        resumed mid-epoch without them would count only the batches after the resume (codes used only
+        before it would look dead) and re-seed other codes than an uninterrupted run.
+        """
+        stats: dict[str, dict[str, Any]] = {}
+        for m, branch in self.branches.items():
+            q = branch.quantizer
+            stats[m] = {"usage": q.usage.detach().cpu().clone(), "pool": q.pool.detach().cpu().clone(),
+                        "pool_next": q._pool_next, "pool_filled": q._pool_filled}
+        checkpoint[DEAD_CODE_STATS] = stats
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore what :meth:`on_save_checkpoint` kept (absent in checkpoints of older mmrec versions)."""
+        for m, stats in checkpoint.get(DEAD_CODE_STATS, {}).items():
+            if m in self.branches:
+                quantizer = self.branches[m].quantizer
+                quantizer.usage.copy_(stats["usage"])
+                quantizer.pool.copy_(stats["pool"])
+                quantizer._pool_next, quantizer._pool_filled = int(stats["pool_next"]), int(stats["pool_filled"])
 
     def _reset_optimizer_rows(self, codebook: nn.Parameter, rows: dict[int, Tensor]) -> None:
         """Clear Adam's moments of re-seeded codes, so stale momentum does not drag them off their seed."""

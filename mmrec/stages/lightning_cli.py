@@ -3,6 +3,12 @@
 It adds what all mmrec stages share: ``--run_dir`` (linked to ``data.run_dir``), ``--resume``, a seed
 default, ``trainer.default_root_dir`` inside ``<run_dir>/<stage>.work`` (checkpoints and logs, kept on a
 crash for resuming), and a parser named after the stage so ``--help`` reads ``mmrec <stage>``.
+
+Resuming is exact: a stage killed at any step and restarted with ``--resume true`` ends with the weights and
+metrics of an uninterrupted run (same seed, CPU). ``last.ckpt`` is written every
+``--checkpoint_every_n_steps`` training steps as well as after each validation, and every checkpoint holds
+the random streams (:class:`mmrec.stages.resume.RNGState`) and the training loader's position in its epoch
+(:mod:`mmrec.data.resumable`).
 """
 
 from __future__ import annotations
@@ -14,10 +20,14 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from mmrec.artifacts import work_dir
+from mmrec.errors import InputError
+from mmrec.stages.resume import PARTIAL_SUFFIX, AtomicCheckpointIO, LoaderPosition, MidEpochCheckpoint, RNGState
 
 DEFAULT_SEED = 42
+DEFAULT_CHECKPOINT_EVERY_N_STEPS = 500
 
 # `mmrec` passes the stage's own arguments through `args=`; LightningCLI warns whenever sys.argv is not
 # empty too, which under the dispatcher it always is.
@@ -52,7 +62,13 @@ class StageCLI(LightningCLI):
         parser.add_argument("--run_dir", type=str, default="runs/demo", help="run directory, one folder a stage")
         parser.add_argument(
             "--resume", type=bool, default=False,
-            help="continue from the last checkpoint in <run_dir>/<stage>.work/checkpoints after a crash",
+            help="continue from <run_dir>/<stage>.work/checkpoints/last.ckpt after a crash or kill; ends where an "
+                 "uninterrupted run would have",
+        )
+        parser.add_argument(
+            "--checkpoint_every_n_steps", type=int, default=DEFAULT_CHECKPOINT_EVERY_N_STEPS,
+            help="also write last.ckpt every N training steps, so a crash loses at most N steps (0: only after "
+                 "validation)",
         )
         parser.link_arguments("run_dir", "data.init_args.run_dir" if self.subclass_mode_data else "data.run_dir")
 
@@ -60,6 +76,29 @@ class StageCLI(LightningCLI):
         config = self.config
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(work_dir(config.run_dir, self.stage))
+        every = config.checkpoint_every_n_steps
+        if every < 0:
+            raise InputError(f"checkpoint_every_n_steps must be 0 or more, got {every}")
+        # two callbacks write last.ckpt (the stage's after validation, MidEpochCheckpoint between): neither may
+        # version its file around the other's (last-v1.ckpt), or --resume would read a stale one
+        if config.get("model_checkpoint") is not None:
+            config.model_checkpoint.enable_version_counter = False
+        # trainer_defaults' callbacks come after the configured ones, so trainer.checkpoint_callback (the
+        # first ModelCheckpoint) stays the stage's own
+        defaults = self.trainer_defaults.get("callbacks") or []
+        resume_callbacks: list[L.Callback] = [RNGState(), LoaderPosition()]
+        if every:
+            resume_callbacks.append(MidEpochCheckpoint(self.checkpoint_dir, every))
+        self.trainer_defaults = {
+            **self.trainer_defaults,
+            "callbacks": [*(defaults if isinstance(defaults, list) else [defaults]), *resume_callbacks],
+        }
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a configured plugin is kept
+            strategy.checkpoint_io = AtomicCheckpointIO()
 
     @property
     def run_dir(self) -> Path:
@@ -78,8 +117,11 @@ class StageCLI(LightningCLI):
         """The checkpoint to resume from, or None after clearing an earlier run's checkpoints.
 
         A fresh run must not mix with an earlier run's checkpoints: ModelCheckpoint would version its files
-        around them (``last-v1.ckpt``) and a later ``--resume`` would pick the stale ``last.ckpt``.
+        around them (``last-v1.ckpt``) and a later ``--resume`` would pick the stale ``last.ckpt``. Files a
+        kill left half-written (``*.partial``, see ``AtomicCheckpointIO``) are removed either way.
         """
+        for partial in self.checkpoint_dir.glob(f".*{PARTIAL_SUFFIX}"):
+            partial.unlink()
         if not self.config.resume:
             stale = sorted(self.checkpoint_dir.glob("*.ckpt"))
             for path in stale:
