@@ -23,7 +23,8 @@ demo: install
 	mmrec fit-quantizer --config $(CONFIGS)/fit-quantizer.yaml --run_dir $(RUN)
 	mmrec assign-sids --config $(CONFIGS)/assign-sids.yaml --run_dir $(RUN)
 	mmrec fit-recommender --config $(CONFIGS)/fit-recommender.yaml --run_dir $(RUN)
-	for model in popularity sasrec fusion; do \
+	mmrec fit-recommender --config $(CONFIGS)/fit-recommender-generative.yaml --run_dir $(RUN)
+	for model in popularity sasrec fusion generative; do \
 		mmrec test --config $(CONFIGS)/test.yaml --run_dir $(RUN) --model $$model || exit 1; \
 	done
 

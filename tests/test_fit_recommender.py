@@ -90,7 +90,8 @@ def test_tiny_backbone_beats_popularity_on_category_structured_data(tmp_path: Pa
 @pytest.mark.parametrize(
     "configs",
     [["configs/demo/fit-recommender.yaml"], ["configs/beauty/fit-recommender.yaml"],
-     ["configs/beauty/fit-recommender.yaml", "configs/beauty/fit-recommender-random-init.yaml"]],
+     ["configs/beauty/fit-recommender.yaml", "configs/beauty/fit-recommender-random-init.yaml"],
+     ["configs/demo/fit-recommender-generative.yaml"], ["configs/beauty/fit-recommender-generative.yaml"]],
 )
 def test_shipped_configs_parse(configs: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     root = Path(__file__).parent.parent
@@ -98,3 +99,5 @@ def test_shipped_configs_parse(configs: list[str], capsys: pytest.CaptureFixture
     assert mmrec(["fit-recommender", *args, "--print_config"]) == 0
     printed = capsys.readouterr().out
     assert "train_mode: prefix" in printed and "code_init: " + ("random" if len(configs) == 2 else "codebook") in printed
+    head = "GenerativeRecommender" if "generative" in configs[0] else "LLMRecommender"
+    assert f"class_path: mmrec.models.llm.{'generative' if 'generative' in configs[0] else 'recommender'}.{head}" in printed

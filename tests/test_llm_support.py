@@ -27,9 +27,13 @@ from mmrec.models.llm.recommender import LLMRecommender
 
 def write_sids(
     run_dir: Path, modalities: Sequence[str] = ("collab", "text"), levels: int = 2, codebook_size: int = 6,
-    dim: int = 8, seed: int = 0,
+    dim: int = 8, seed: int = 0, suffix: bool = False,
 ) -> Path:
-    """Publish ``<run_dir>/assign-sids`` (sids.parquet + codebooks.safetensors + manifest, prepare's lineage)."""
+    """Publish ``<run_dir>/assign-sids`` (sids.parquet + codebooks.safetensors + manifest, prepare's lineage).
+
+    ``suffix`` appends a disambiguation level (0, 1, ... among items sharing codes), as ``assign-sids``'
+    ``collisions: suffix`` does, so that every SID is unique.
+    """
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {"item_idx": [], "modality": [], "codes": [], "sid": []}
     books: dict[str, torch.Tensor] = {}
@@ -43,6 +47,13 @@ def write_sids(
             codes[:, level] = ((residual[:, None, :] - book[None]) ** 2).sum(-1).argmin(1)
             residual = residual - book[codes[:, level]]
             books[f"{name}.{level}"] = torch.tensor(book, dtype=torch.float32)
+        if suffix:
+            counts: dict[tuple[int, ...], int] = {}
+            extra = []
+            for code in map(tuple, codes):
+                extra.append(counts.get(code, 0))
+                counts[code] = extra[-1] + 1
+            codes = np.concatenate([codes, np.asarray(extra, dtype=np.int64)[:, None]], axis=1)
         for item, code in zip(items, codes):
             rows["item_idx"].append(int(item))
             rows["modality"].append(name)

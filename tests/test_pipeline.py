@@ -15,18 +15,20 @@ MODALITIES = ["--data.modalities", "[collab,image]"]
 
 
 def run_pipeline(run_dir: Path) -> dict[str, dict[str, float]]:
-    """prepare -> fit-collab -> fit-quantizer -> assign-sids -> fit-recommender -> test, on tiny configs."""
+    """prepare -> fit-collab -> fit-quantizer -> assign-sids -> fit-recommender (both heads) -> test, on tiny
+    configs."""
     steps = [
         ["prepare", "--config", str(CONF / "prepare.yaml")],
         ["fit-collab", "--config", str(CONF / "fit-collab.yaml")],
         ["fit-quantizer", "--config", str(CONF / "fit-quantizer.yaml"), *MODALITIES],
         ["assign-sids", "--config", str(CONF / "assign-sids.yaml")],
         ["fit-recommender", "--config", str(CONF / "fit-recommender.yaml"), "--model.modalities", "[collab,image]"],
+        ["fit-recommender", "--config", str(CONF / "fit-recommender-generative.yaml")],
     ]
     for step in steps:
         assert main([*step, "--run_dir", str(run_dir)]) == 0, f"mmrec {step[0]} failed"
     metrics = {}
-    for model in ("popularity", "sasrec", "fusion"):
+    for model in ("popularity", "sasrec", "fusion", "generative"):
         assert main(["test", "--config", str(CONF / "test.yaml"), "--run_dir", str(run_dir), "--model", model]) == 0
         metrics[model] = json.loads((run_dir / "test" / f"{model}-test" / "metrics.json").read_text())["metrics"]
     return metrics
@@ -40,7 +42,7 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict
 
 def test_every_stage_publishes_its_folder(two_runs: tuple[Path, Path, dict, dict]) -> None:
     first = two_runs[0]
-    for stage in ("prepare", "fit-collab", "fit-quantizer", "assign-sids", "fit-recommender"):
+    for stage in ("prepare", "fit-collab", "fit-quantizer", "assign-sids", "fit-recommender", "fit-recommender-generative"):
         assert (first / stage / "manifest.json").is_file(), stage
     assert not list(first.glob(".*.tmp-*")), "a temporary stage folder was left behind"
 

@@ -19,6 +19,7 @@ MODELS: dict[str, str] = {
     "popularity": "mmrec.models.popularity:load",
     "sasrec": "mmrec.models.sasrec:load",
     "fusion": "mmrec.models.llm.recommender:load",
+    "generative": "mmrec.models.llm.generative:load",
 }
 
 

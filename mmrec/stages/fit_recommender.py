@@ -1,12 +1,15 @@
-"""``mmrec fit-recommender``: fine-tune the LLM recommender (LoRA + fusion head) and export it.
+"""``mmrec fit-recommender``: fine-tune the LLM recommender (LoRA + a head) and export it.
 
-Wiring only: the model is :class:`mmrec.models.llm.recommender.LLMRecommender`, the data
-``SequenceDataModule`` in ``prefix`` mode (every prefix of a user's training sequence is one sample).
-Checkpoints hold the trained tensors only (LoRA, item encoder, fusion head; the frozen backbone is rebuilt
-from its source) and live in ``<run_dir>/fit-recommender.work/checkpoints``, with ``last.ckpt`` for
-``--resume true``. The checkpoint with the best validation NDCG@10 is exported, atomically, to
-``<run_dir>/fit-recommender/``: ``adapter/`` (peft), ``heads.safetensors``, ``recommender.json``, and a
-manifest with the inputs, the best validation metrics, training time, tokens/s and peak GPU memory.
+Wiring only. The head is the model class (``model.class_path``): the default,
+:class:`mmrec.models.llm.recommender.LLMRecommender`, is MME-SID's fusion head; ``--model
+GenerativeRecommender`` (:class:`mmrec.models.llm.generative.GenerativeRecommender`) is the generative SID
+head. The data is ``SequenceDataModule`` in ``prefix`` mode (every prefix of a user's training sequence is
+one sample). Checkpoints hold the trained tensors only (LoRA, new token rows, mmrec's heads; the frozen
+backbone is rebuilt from its source) and live in ``<run_dir>/fit-recommender.work/checkpoints``, with
+``last.ckpt`` for ``--resume true``. The checkpoint with the best validation NDCG@10 is exported,
+atomically, to ``<run_dir>/fit-recommender/``: ``adapter/`` (peft), ``heads.safetensors``,
+``recommender.json``, and a manifest with the inputs, the best validation metrics, training time, tokens/s
+and peak GPU memory.
 """
 
 from __future__ import annotations
@@ -18,9 +21,15 @@ from lightning.pytorch.cli import LightningArgumentParser
 from mmrec.artifacts import Manifest, stage_output
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.evaluation.report import path_sha256
-from mmrec.models.llm.recommender import MONITOR, STAGE, LLMRecommender
+from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
+from mmrec.models.llm.generative import GenerativeRecommender
+from mmrec.models.llm.recommender import LLMRecommender
 from mmrec.models.llm.throughput import TrainingThroughput
 from mmrec.stages.lightning_cli import StageCLI
+
+HEADS = {
+    head.head: f"{head.__module__}.{head.__qualname__}" for head in (LLMRecommender, GenerativeRecommender)
+}
 
 
 class FitRecommenderCLI(StageCLI):
@@ -28,10 +37,10 @@ class FitRecommenderCLI(StageCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.set_defaults({"data.train_mode": "prefix"})
-        parser.link_arguments("run_dir", "model.run_dir")
-        parser.link_arguments("data.max_len", "model.max_len")
-        parser.link_arguments("data.num_items", "model.num_items", apply_on="instantiate")
+        parser.set_defaults({"data.train_mode": "prefix", "model": {"class_path": HEADS["fusion"]}})
+        parser.link_arguments("run_dir", "model.init_args.run_dir")
+        parser.link_arguments("data.max_len", "model.init_args.max_len")
+        parser.link_arguments("data.num_items", "model.init_args.num_items", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "model_checkpoint")
         parser.set_defaults({
             "model_checkpoint.monitor": MONITOR, "model_checkpoint.mode": "max",
@@ -47,8 +56,8 @@ class FitRecommenderCLI(StageCLI):
 def main(argv: list[str]) -> None:
     meter = TrainingThroughput()
     cli = FitRecommenderCLI(
-        STAGE, LLMRecommender, SequenceDataModule, argv, description=__doc__.splitlines()[0],
-        trainer_defaults={"callbacks": [meter]},
+        STAGE, LLMRecommenderBase, SequenceDataModule, argv, description=__doc__.splitlines()[0],
+        trainer_defaults={"callbacks": [meter]}, subclass_mode_model=True,
     )
     trainer, data, model = cli.trainer, cli.datamodule, cli.model
     resumed_from, fit_seconds = cli.fit()
@@ -75,13 +84,13 @@ def main(argv: list[str]) -> None:
         "resumed_from": resumed_from,
         **meter.summary(),
     }
-    with stage_output(cli.run_dir, STAGE, manifest) as out:
+    with stage_output(cli.run_dir, model.export_folder, manifest) as out:
         for path in model.export(out):
             if path.is_dir():  # adapter/ (and backbone/ for tiny): one entry, hashed over its files
                 manifest.outputs[path.name] = {"file": path.name, "sha256": path_sha256(path), "rows": None}
             else:
                 manifest.add_output(path.stem, path)
     print(
-        f"{STAGE}: best {MONITOR} = {best_val.get(MONITOR, float('nan')):.4f} after {trainer.current_epoch} epochs "
-        f"({fit_seconds:.0f} s, {meter.summary()['tokens_per_second']} tokens/s); wrote {cli.run_dir / STAGE}"
+        f"{STAGE} ({model.head} head): best {MONITOR} = {best_val.get(MONITOR, float('nan')):.4f} after {trainer.current_epoch} epochs "
+        f"({fit_seconds:.0f} s, {meter.summary()['tokens_per_second']} tokens/s); wrote {cli.run_dir / model.export_folder}"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel
 
@@ -35,13 +35,22 @@ class LoRASpec:
     target_modules: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
 
 
-def add_lora(model: PreTrainedModel, spec: LoRASpec) -> PreTrainedModel | PeftModel:
-    """Wrap ``model`` with a fresh adapter; every base weight stays frozen."""
-    if spec.r == 0:
+def add_lora(
+    model: PreTrainedModel, spec: LoRASpec, trainable_tokens: list[int] | None = None
+) -> PreTrainedModel | PeftModel:
+    """Wrap ``model`` with a fresh adapter; every base weight stays frozen.
+
+    ``trainable_tokens``: rows of the input embedding to train as well (new tokens added to the vocabulary);
+    peft keeps their values in the adapter (``trainable_token_indices``), so the matrix itself stays frozen
+    and the export stays small. With ``r == 0`` only those rows are trained.
+    """
+    if spec.r == 0 and not trainable_tokens:
         return model
+    if spec.r == 0:
+        return get_peft_model(model, TrainableTokensConfig(token_indices=list(trainable_tokens)))
     config = LoraConfig(
         r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=list(spec.target_modules),
-        bias="none",
+        bias="none", trainable_token_indices=list(trainable_tokens) if trainable_tokens else None,
     )
     try:
         return get_peft_model(model, config)
@@ -55,6 +64,12 @@ def load_adapter_weights(model: PeftModel, folder: Path) -> None:
     if not path.is_file():
         raise InputError(f"{path}: adapter weights not found")
     result = set_peft_model_state_dict(model, load_file(str(path)))
-    missing = [key for key in result.missing_keys if "lora_" in key]
+    # A tied output layer shares its trainable-token rows with the input embedding: loaded through the latter.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(param) for name, param in params.items() if name not in set(result.missing_keys)}
+    missing = [
+        key for key in result.missing_keys
+        if ("lora_" in key or "trainable_tokens_delta" in key) and id(params.get(key)) not in loaded
+    ]
     if missing or result.unexpected_keys:
         raise InputError(f"{path}: does not match the adapter in recommender.json (e.g. {(missing or result.unexpected_keys)[0]})")

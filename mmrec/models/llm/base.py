@@ -1,0 +1,284 @@
+"""What the two LLM recommenders share: a frozen backbone with LoRA, training only mmrec's own tensors, the
+validation metric, and the export that ``mmrec test`` reloads.
+
+The heads differ in what the backbone reads and writes. :class:`~mmrec.models.llm.recommender.LLMRecommender`
+(MME-SID, ``fusion``) reads one vector per history item and scores the whole catalog;
+:class:`~mmrec.models.llm.generative.GenerativeRecommender` (TIGER / LC-Rec, ``generative``) reads and writes
+semantic-ID tokens and decodes items by beam search. Both train LoRA (and the generative head its new token
+rows) on a backbone that stays frozen, so checkpoints and exports keep only the trained tensors and the
+backbone is rebuilt from its source on reload.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+from dataclasses import asdict, is_dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning as L
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mmrec.artifacts import Manifest, require_same_lineage, stage_dir
+from mmrec.artifacts.manifest import file_sha256
+from mmrec.data.prepared import MODALITY_STAGE, PreparedData, modality_path
+from mmrec.errors import InputError, LineageError, MMRecError
+from mmrec.evaluation.metrics import RankingMetrics
+from mmrec.evaluation.report import path_sha256
+from mmrec.models.llm.backbone import TINY, BackboneSpec
+from mmrec.models.llm.lora import LoRASpec, add_lora, load_adapter_weights
+from mmrec.models.llm.prompt import PromptSpec, prompt_token_ids
+from mmrec.models.sid_embedding import load_sids
+
+STAGE = "fit-recommender"
+SIDS_STAGE = "assign-sids"
+SIDS_FILES = {"sids": "sids.parquet", "codebooks": "codebooks.safetensors"}
+SPEC_FILE = "recommender.json"
+HEADS_FILE = "heads.safetensors"
+ADAPTER_DIR = "adapter"
+BACKBONE_DIR = "backbone"
+MONITOR = "val/ndcg@10"
+_TOKEN_ROWS = "trainable_tokens_delta"  # peft's name for the trained rows of new tokens
+
+
+class TrainingError(MMRecError):
+    """Training produced a model that cannot be used (non-finite scores)."""
+
+
+class LLMRecommenderBase(L.LightningModule):
+    """Backbone, LoRA, optimiser, trained-tensor checkpoints and export; subclasses add a head.
+
+    A subclass's ``__init__`` calls ``save_hyperparameters()`` and :meth:`_prepare` first (run directory and validation metric), then
+    :meth:`_attach_backbone` with the loaded (possibly extended) backbone, and names the prefixes of its own
+    trained modules in ``trained_prefixes`` (saved in ``heads.safetensors``).
+    """
+
+    head: ClassVar[str]
+    """The value of ``recommender.json``'s ``head``: which class ``load`` must rebuild."""
+    export_folder: ClassVar[str]
+    """The run-directory folder the stage exports this head to, so both heads' exports can sit side by side."""
+    trained_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def _prepare(self, num_items: int, run_dir: str, ks: list[int]) -> PreparedData:
+        """Check the run directory; call right after ``self.save_hyperparameters()``."""
+        for key in ("backbone", "lora", "prompt"):  # plain dicts: JSON-able, and checkpoints unpickle safely
+            if is_dataclass(self.hparams.get(key)):
+                self.hparams[key] = asdict(self.hparams[key])
+        self.strict_loading = False  # checkpoints hold only the trained tensors
+        prepared = PreparedData(run_dir)
+        if num_items != prepared.num_items:
+            raise InputError(f"model.num_items is {num_items}, but {prepared.items_path} has {prepared.num_items} items")
+        self.input_files: list[tuple[str, Path, Manifest]] = []
+        self.val_metrics = RankingMetrics(sorted(set(ks) | {10}))  # NDCG@10 picks the best checkpoint
+        self.checkpoint_path: Path | None = None
+        return prepared
+
+    def _attach_backbone(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoRASpec, prompt: PromptSpec,
+        trainable_tokens: list[int] | None = None,
+    ) -> None:
+        self.lm = add_lora(model, lora, trainable_tokens).train()  # from_pretrained returns eval mode; dropout needs train
+        self.tokenizer = tokenizer
+        self.prompt_ids = prompt_token_ids(tokenizer, prompt)
+
+    def _sids(self, run_dir: str, name: str) -> tuple[Tensor, list[Tensor]]:
+        """One modality's SIDs and codebooks (``load_sids`` refuses SIDs of another items table), recorded as inputs."""
+        codes, codebooks = load_sids(run_dir, name)
+        folder = stage_dir(run_dir, SIDS_STAGE)
+        if not codebooks:
+            raise InputError(f"{folder / 'codebooks.safetensors'}: no codebooks for modality '{name}'")
+        manifest = Manifest.read(folder)
+        for key in SIDS_FILES:
+            if not any(entry[0] == key for entry in self.input_files):
+                self.input_files.append((key, manifest.verify_output(folder, key), manifest))
+        return codes, codebooks
+
+    def decoder(self) -> nn.Module:
+        """The backbone without its language-model head (LoRA layers included)."""
+        return self.base_model().get_decoder()
+
+    def base_model(self) -> PreTrainedModel:
+        return self.lm.get_base_model() if isinstance(self.lm, PeftModel) else self.lm
+
+    # ---- Lightning ---------------------------------------------------------------------------------
+
+    def on_validation_epoch_end(self) -> None:
+        values = self.val_metrics.compute()
+        self.log_dict({f"val/{name}": value.float() for name, value in values.items()})
+        self.val_metrics.reset()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with two learning rates: ``lr`` for mmrec's modules and new token rows, ``lora_lr`` for LoRA."""
+        heads, adapter = [], []
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                (adapter if name.startswith("lm.") and _TOKEN_ROWS not in name else heads).append(param)
+        groups = [{"params": heads, "lr": self.hparams.lr}] if heads else []
+        if adapter:
+            groups.append({"params": adapter, "lr": self.hparams.lora_lr})
+        optimizer = torch.optim.AdamW(groups, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.hparams.warmup_ratio * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def trainable_names(self) -> set[str]:
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trained tensors: the frozen backbone (hundreds of MB) is rebuilt from its source."""
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = self.trainable_names() - set(checkpoint["state_dict"])
+        if missing:
+            raise InputError(f"checkpoint lacks trained tensors of this model (e.g. {min(missing)}); was it written by another configuration?")
+
+    def load_trained(self, state: dict[str, Tensor], source: str | Path) -> None:
+        """Load trained tensors (a checkpoint's ``state_dict``), refusing one that lacks any of them."""
+        missing = self.trainable_names() - set(state)
+        if missing:
+            raise InputError(f"{source}: lacks trained tensors of this model (e.g. {min(missing)})")
+        self.load_state_dict(state, strict=False)
+
+    # ---- export and reload -------------------------------------------------------------------------
+
+    def spec(self) -> dict[str, Any]:
+        """Everything ``load`` needs to rebuild this model (``recommender.json``)."""
+        arguments = set(inspect.signature(type(self).__init__).parameters) - {"self", "run_dir"}
+        hparams = {key: value for key, value in self.hparams.items() if key in arguments}
+        return {
+            "format": "mmrec.llm-recommender/1",
+            "head": self.head,
+            "hparams": json.loads(json.dumps(hparams, default=list)),
+            "hidden_size": int(self.lm.config.hidden_size),
+            "prompt_tokens": {"prefix": list(self.prompt_ids[0]), "suffix": list(self.prompt_ids[1])},
+            "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+        }
+
+    def _heads(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.named_parameters() if k.startswith(self.trained_prefixes)}
+
+    def export(self, folder: Path) -> list[Path]:
+        """Write adapter, heads, spec (and a ``tiny`` backbone) into ``folder``; return the files and folders."""
+        files = []
+        if isinstance(self.lm, PeftModel):
+            self.lm.save_pretrained(str(folder / ADAPTER_DIR))
+            files.append(folder / ADAPTER_DIR)
+        save_file(self._heads(), str(folder / HEADS_FILE))
+        files.append(folder / HEADS_FILE)
+        if self.hparams.backbone["name_or_path"] == TINY:
+            self._save_tiny_backbone(folder / BACKBONE_DIR)
+            files.append(folder / BACKBONE_DIR)
+        (folder / SPEC_FILE).write_text(json.dumps(self.spec(), indent=2) + "\n")
+        files.append(folder / SPEC_FILE)
+        return files
+
+    def _save_tiny_backbone(self, folder: Path) -> None:
+        """A random backbone exists nowhere else: save it (a few hundred KB) so ``load`` can rebuild it.
+
+        Saved without adapters and with the tokenizer as built (new token rows at their initial values; the
+        adapter holds their trained values).
+        """
+        base = self.base_model()
+        state = {
+            k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
+            if "lora_" not in k and "trainable_tokens_" not in k
+        }
+        clean = type(base)(base.config)
+        clean.load_state_dict(state, strict=False)
+        clean.save_pretrained(str(folder))
+        self.tokenizer.save_pretrained(str(folder))
+
+    def load_exported(self, folder: Path) -> None:
+        """Load the adapter and heads that :meth:`export` wrote."""
+        if isinstance(self.lm, PeftModel):
+            load_adapter_weights(self.lm, folder / ADAPTER_DIR)
+        heads = load_file(str(folder / HEADS_FILE))
+        expected = set(self._heads())
+        if set(heads) != expected:
+            odd = min(set(heads) ^ expected)
+            raise InputError(f"{folder / HEADS_FILE}: does not match {folder / SPEC_FILE} (tensor '{odd}')")
+        self.load_state_dict(heads, strict=False)
+
+
+def require_same_inputs(manifest: Manifest, folder: Path, run_dir: Path) -> None:
+    """Refuse to rebuild a model whose embeddings or SIDs in ``run_dir`` changed since it was trained (a
+    re-run ``fit-collab``, say): the frozen tables are read from the run, not stored with the model."""
+    current = {f"emb_{m}": modality_path(run_dir, m) for m in MODALITY_STAGE}
+    current.update({key: stage_dir(run_dir, SIDS_STAGE) / name for key, name in SIDS_FILES.items()})
+    for name, entry in manifest.inputs.items():
+        path = current.get(name)
+        if path is not None and (not path.is_file() or file_sha256(path) != entry["sha256"]):
+            raise LineageError(
+                f"{path}: differs from the '{name}' that {folder / 'manifest.json'} records as trained on; "
+                "re-run fit-recommender"
+            )
+
+
+def verify_folders(manifest: Manifest, folder: Path) -> None:
+    """Check ``adapter/`` (and ``backbone/``) against the folder hashes the manifest recorded."""
+    for name in (ADAPTER_DIR, BACKBONE_DIR):
+        entry = manifest.outputs.get(name)
+        if entry is not None and (not (folder / name).is_dir() or path_sha256(folder / name) != entry["sha256"]):
+            raise LineageError(f"{folder / name}: content differs from the hash in {folder / 'manifest.json'}; re-run {STAGE}")
+
+
+def load_model(
+    cls: type[LLMRecommenderBase], run_dir: Path, checkpoint: str | None, device: torch.device
+) -> LLMRecommenderBase:
+    """Rebuild a trained ``cls`` for ``mmrec test``.
+
+    ``checkpoint``: None reads ``<run_dir>/<cls.export_folder>/``; a folder reads another export; a ``.ckpt``
+    file (a Lightning checkpoint of ``fit-recommender``) loads its trained tensors into the model that
+    ``<run_dir>/<cls.export_folder>/recommender.json`` describes.
+    """
+    folder = stage_dir(run_dir, cls.export_folder)
+    ckpt = None
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if path.is_dir():
+            folder = path
+        elif path.is_file() and path.suffix == ".ckpt":
+            ckpt = path
+        else:
+            raise InputError(f"{path}: expected a fit-recommender folder or a Lightning .ckpt file")
+    manifest = Manifest.read(folder)
+    prepared = PreparedData(run_dir)
+    require_same_lineage(manifest, folder / "manifest.json", prepared.manifest, prepared.folder / "manifest.json", "items")
+    require_same_inputs(manifest, folder, Path(run_dir))
+    spec_path = manifest.verify_output(folder, "recommender")
+    spec = json.loads(spec_path.read_text())
+    head = spec.get("head", "fusion")
+    if head != cls.head:
+        raise InputError(f"{spec_path}: the model has the '{head}' head; evaluate it with --model {head}")
+    hparams = dict(spec["hparams"])
+    backbone = BackboneSpec(**hparams.pop("backbone"))
+    if backbone.name_or_path == TINY:
+        backbone = replace(backbone, name_or_path=str(folder / BACKBONE_DIR))
+    model = cls(
+        run_dir=str(run_dir), backbone=backbone, lora=LoRASpec(**hparams.pop("lora")),
+        prompt=PromptSpec(**hparams.pop("prompt")), **hparams,
+    )
+    if ckpt is not None:
+        model.load_trained(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], ckpt)
+        model.checkpoint_path = ckpt
+    else:
+        manifest.verify_output(folder, "heads")
+        verify_folders(manifest, folder)
+        model.load_exported(folder)
+        model.checkpoint_path = folder / HEADS_FILE
+    return model.to(device).eval()

@@ -1,0 +1,235 @@
+"""The generative SID head (TIGER, LC-Rec): the LLM reads the history as semantic-ID tokens and writes the
+next item's SID token by token; items are decoded by beam search constrained to the catalog's SIDs.
+
+One sample, in the backbone's chat template (``[...]`` are token spans)::
+
+    [template + system + instruction] <a_3><b_17><c_5><d_0>, <a_9><b_2><c_41><d_0>, ... [question + assistant header] <a_7><b_7><c_1><d_0>
+
+With ``with_titles`` each history item's SID is followed by the first ``title_tokens`` tokens of its text
+(LC-Rec style). The loss is cross-entropy on the target SID's tokens only, each over its own level's codes
+(the SID tokens' embeddings are also their output weights, whether or not the backbone ties its own), so a
+step's log-probs are a distribution over that level's codes and an item's score, the sum over levels, is
+its log-probability as an SID. Decoding (:meth:`GenerativeRecommender.topk_batch`) runs the prompt once,
+then one cached step per level for ``num_beams`` beams per user (:mod:`mmrec.models.llm.sid_trie`).
+
+Trained: LoRA and the new SID token rows (peft's ``trainable_token_indices``: the embedding matrix stays
+frozen, the rows' values live in the adapter). Items without an SID in ``sid_modality`` are left out of
+histories and can never be recommended.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from mmrec.artifacts import stage_dir
+from mmrec.evaluation.metrics import DEFAULT_K, list_ranks
+from mmrec.models.llm.backbone import BackboneSpec, load_backbone
+from mmrec.models.llm.base import SIDS_FILES, SIDS_STAGE, STAGE, LLMRecommenderBase, TrainingError, load_model
+from mmrec.models.llm.lora import LoRASpec
+from mmrec.models.llm.prompt import PromptSpec
+from mmrec.models.llm.sid_tokens import SIDVocabulary, add_sid_tokens, initial_token_embeddings
+from mmrec.models.llm.sid_trie import SIDTrie, constrained_beam_search
+
+DEFAULT_BACKBONE, DEFAULT_LORA = BackboneSpec(), LoRASpec()
+DEFAULT_PROMPT = PromptSpec(question="Predict the semantic ID of the next item.")
+
+
+class GenerativeRecommender(LLMRecommenderBase):
+    """A LoRA-tuned causal LM that generates the next item's semantic ID.
+
+    Args:
+        num_items: catalog size (linked from the data module).
+        run_dir: run directory holding ``prepare/`` and ``assign-sids/``.
+        max_len: most recent history items read (linked from ``data.max_len``).
+        backbone: the causal LM (see :class:`~mmrec.models.llm.backbone.BackboneSpec`).
+        lora: LoRA settings (see :class:`~mmrec.models.llm.lora.LoRASpec`).
+        prompt: instruction texts around the history (see :class:`~mmrec.models.llm.prompt.PromptSpec`).
+        sid_modality: whose SIDs the model reads and writes (``collab``, ``text`` or ``image``).
+        code_init: ``codebook`` initialises each SID token from its code vector (see
+            :mod:`~mmrec.models.llm.sid_tokens`); ``random`` is the ablation.
+        with_titles: follow each history item's SID with the start of its text (LC-Rec style).
+        title_tokens: how many tokens of each item's text ``with_titles`` keeps.
+        item_separator: text between history items (``", "`` reads naturally; ``","`` is one token less).
+        num_beams: beams of the constrained beam search (at least the list length asked for).
+        lr: learning rate of the SID token rows.
+        lora_lr: learning rate of the LoRA adapter.
+        weight_decay: AdamW weight decay.
+        warmup_ratio: share of the training steps with a linear learning-rate warm-up (cosine decay after).
+        ks: cutoffs of the validation metrics (validation decodes ``max(ks)`` items per user).
+    """
+
+    head = "generative"
+    export_folder = f"{STAGE}-generative"
+
+    def __init__(
+        self,
+        num_items: int,
+        run_dir: str = "runs/demo",
+        max_len: int = 20,
+        backbone: BackboneSpec = DEFAULT_BACKBONE,
+        lora: LoRASpec = DEFAULT_LORA,
+        prompt: PromptSpec = DEFAULT_PROMPT,
+        sid_modality: Literal["collab", "text", "image"] = "collab",
+        code_init: Literal["codebook", "random"] = "codebook",
+        with_titles: bool = False,
+        title_tokens: int = 12,
+        item_separator: str = ", ",
+        num_beams: int = 20,
+        lr: float = 1e-3,
+        lora_lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        warmup_ratio: float = 0.05,
+        ks: list[int] = list(DEFAULT_K),  # noqa: B006 (jsonargparse needs a literal default)
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        prepared = self._prepare(num_items, run_dir, ks)
+        self.max_len, self.num_beams = max_len, num_beams
+        codes, codebooks = self._sids(run_dir, sid_modality)
+        self.vocab = SIDVocabulary.from_codes(codes, codebooks, stage_dir(run_dir, SIDS_STAGE) / SIDS_FILES["sids"])
+
+        model, tokenizer = load_backbone(backbone)
+        token_ids = add_sid_tokens(tokenizer, model, self.vocab)
+        embedding = model.get_input_embeddings().weight
+        original = embedding.detach()[: int(token_ids.min())]  # the backbone's own tokens set the scale
+        rows, _, _ = initial_token_embeddings(self.vocab, codebooks, original, code_init)
+        with torch.no_grad():
+            embedding[token_ids] = rows.to(embedding.dtype)
+        self._attach_backbone(model, tokenizer, lora, prompt, trainable_tokens=token_ids.tolist())
+        self.register_buffer("sid_token_ids", token_ids, persistent=False)
+        self.register_buffer("item_codes", self.vocab.codes, persistent=False)
+        self.register_buffer("item_sid_rows", self.vocab.item_token_rows(), persistent=False)
+        self.register_buffer("level_starts", torch.tensor(self.vocab.offsets, dtype=torch.long), persistent=False)
+        titles = [text or "" for text in prepared.items.column("text").to_pylist()] if with_titles else None
+        self.register_buffer("item_tokens", self._item_token_table(tokenizer, token_ids, titles), persistent=False)
+        self.register_buffer("prefix_ids", torch.tensor(self.prompt_ids[0], dtype=torch.long), persistent=False)
+        self.register_buffer("suffix_ids", torch.tensor(self.prompt_ids[1], dtype=torch.long), persistent=False)
+        self.trie = SIDTrie(self.vocab.codes, self.vocab.level_sizes)
+
+    def _item_token_table(self, tokenizer: PreTrainedTokenizerBase, token_ids: Tensor, titles: list[str] | None) -> Tensor:
+        """``[N, W]`` the tokens each history item contributes (its SID, its title, a separator); -1 pads."""
+        rows = self.vocab.item_token_rows()
+        sid = torch.where(rows >= 0, token_ids[rows.clamp(min=0)], -1)
+        separator = tokenizer(self.hparams.item_separator, add_special_tokens=False)["input_ids"]
+        parts = [sid]
+        if titles is not None:
+            limit = self.hparams.title_tokens
+            encoded = tokenizer([" " + title for title in titles], add_special_tokens=False)["input_ids"]
+            title = torch.full((len(titles), limit), -1, dtype=torch.long)
+            for item, ids in enumerate(encoded):
+                title[item, :len(ids[:limit])] = torch.tensor(ids[:limit], dtype=torch.long)
+            parts.append(title)
+        parts.append(torch.tensor(separator, dtype=torch.long).expand(len(sid), -1))
+        table = torch.cat(parts, dim=1)
+        return table.masked_fill((sid < 0).any(dim=1, keepdim=True), -1)  # no SID: the item is left out
+
+    # ---- sequences ---------------------------------------------------------------------------------
+
+    def _sequences(self, history: Tensor, mask: Tensor, target: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Right-padded ``input_ids [B, T]``, ``attention_mask [B, T]`` and ``lengths [B]`` of the prompts
+        (with the target SID's tokens appended when ``target`` is given)."""
+        history, mask = history[:, -self.max_len:], mask[:, -self.max_len:]
+        batch = history.shape[0]
+        items = self.item_tokens[history].masked_fill(~mask.unsqueeze(-1), -1).flatten(1)
+        parts = [self.prefix_ids.expand(batch, -1), items, self.suffix_ids.expand(batch, -1)]
+        if target is not None:
+            parts.append(self.sid_token_ids[self.item_sid_rows[target]])
+        ids = torch.cat(parts, dim=1)
+        valid = ids >= 0
+        # A stable sort on padding moves real tokens to the front, in order, and padding to the back.
+        order = torch.sort((~valid).to(torch.int32), dim=1, stable=True).indices
+        ids, valid = ids.gather(1, order), valid.gather(1, order)
+        return ids.clamp(min=0), valid.long(), valid.sum(dim=1)
+
+    def level_logprobs(self, hidden: Tensor, level: int) -> Tensor:
+        """Log-probs over level ``level``'s codes from hidden states ``[..., H]`` (float32)."""
+        start, size = self.vocab.offsets[level], self.vocab.level_sizes[level]
+        weights = self.lm.get_input_embeddings()(self.sid_token_ids[start:start + size])
+        with torch.autocast(device_type=hidden.device.type, enabled=False):  # 256-way softmax in float32
+            return torch.log_softmax(hidden.float() @ weights.float().T, dim=-1)
+
+    def _hidden(self, ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> BaseModelOutputWithPast:
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        return self.decoder()(input_ids=ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
+
+    def sid_logprobs(self, history: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+        """``[B, L]`` log-prob of each of ``target``'s SID tokens, teacher-forced (the training objective;
+        summed over levels, the exact score of ``target``)."""
+        levels = self.vocab.num_levels
+        ids, attention_mask, lengths = self._sequences(history, mask, target)
+        hidden = self._hidden(ids, attention_mask, use_cache=False).last_hidden_state
+        rows = torch.arange(len(ids), device=ids.device)
+        codes = self.item_codes[target]
+        out = []
+        for level in range(levels):
+            state = hidden[rows, lengths - levels - 1 + level]  # the token before the level's token predicts it
+            out.append(self.level_logprobs(state, level).gather(1, codes[:, level:level + 1]).squeeze(1))
+        return torch.stack(out, dim=1)
+
+    # ---- decoding ----------------------------------------------------------------------------------
+
+    def topk_batch(self, batch: dict[str, Tensor], k: int) -> tuple[Tensor, Tensor]:
+        """The ``k`` best distinct items per user by constrained beam search (``max(k, num_beams)`` beams)."""
+        beams = max(k, self.num_beams)
+        with torch.no_grad():
+            items, scores = self.decode(batch["history"], batch["mask"], beams)
+        return items[:, :k], scores[:, :k]
+
+    def decode(self, history: Tensor, mask: Tensor, num_beams: int) -> tuple[Tensor, Tensor]:
+        """Constrained beam search: ``(items [B, num_beams], log-prob scores [B, num_beams])``, best first."""
+        ids, attention_mask, lengths = self._sequences(history, mask)
+        out = self._hidden(ids, attention_mask, use_cache=True)
+        cache = out.past_key_values
+        batch = len(ids)
+        first = out.last_hidden_state[torch.arange(batch, device=ids.device), lengths - 1]
+        state = {"mask": attention_mask, "lengths": lengths}
+
+        def step(depth: int, origin: Tensor | None, codes: Tensor | None) -> Tensor:
+            if origin is None:
+                return self.level_logprobs(first, 0).unsqueeze(1)
+            beams_before = state["mask"].shape[0] // batch
+            flat = (torch.arange(batch, device=origin.device).unsqueeze(1) * beams_before + origin).flatten()
+            cache.reorder_cache(flat)
+            state["mask"] = torch.cat([state["mask"][flat], state["mask"].new_ones(len(flat), 1)], dim=1)
+            state["lengths"] = state["lengths"][flat]
+            tokens = self.sid_token_ids[self.level_starts[depth - 1] + codes.flatten()].unsqueeze(1)
+            positions = (state["lengths"] + depth - 1).unsqueeze(1)
+            hidden = self.decoder()(
+                input_ids=tokens, attention_mask=state["mask"], position_ids=positions, past_key_values=cache, use_cache=True,
+            ).last_hidden_state[:, -1]
+            return self.level_logprobs(hidden, depth).view(batch, origin.shape[1], -1)
+
+        return constrained_beam_search(step, self.trie, batch, num_beams, ids.device)
+
+    def tokens_in(self, batch: dict[str, Tensor]) -> Tensor:
+        """Tokens the backbone reads for a training batch, padding excluded (for throughput)."""
+        history, mask = batch["history"][:, -self.max_len:], batch["mask"][:, -self.max_len:]
+        items = (self.item_tokens[history] >= 0) & mask.unsqueeze(-1)
+        fixed = len(self.prefix_ids) + len(self.suffix_ids) + self.vocab.num_levels
+        return items.sum() + history.shape[0] * fixed
+
+    # ---- Lightning ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        keep = (self.item_codes[batch["target"]] >= 0).all(dim=1)  # a target without an SID cannot be written
+        history, mask, target = batch["history"][keep], batch["mask"][keep], batch["target"][keep]
+        loss = -self.sid_logprobs(history, mask, target).mean()
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
+        return loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        items, scores = self.topk_batch(batch, max(self.val_metrics.k))
+        if bool(torch.isnan(scores).any()):
+            raise TrainingError("the generative head's beam scores are NaN: training diverged (lower model.lr / model.lora_lr)")
+        self.val_metrics.update(list_ranks(items, scores, batch["target"]))
+
+
+def load(run_dir: Path, checkpoint: str | None, device: torch.device) -> GenerativeRecommender:
+    """Registry loader for ``mmrec test --model generative`` (see :func:`~mmrec.models.llm.base.load_model`)."""
+    return load_model(GenerativeRecommender, run_dir, checkpoint, device)
