@@ -18,6 +18,7 @@ from mmrec.models.llm.generative import GenerativeRecommender, load
 from mmrec.models.llm.sid_tokens import token_string
 from mmrec.models.llm.sid_trie import SIDTrie, constrained_beam_search
 from mmrec.models.sid_embedding import load_sids
+from tests.test_llm_model import batch_of
 from tests.test_llm_support import SHORT_PROMPT, single_thread, write_sids  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -107,8 +108,6 @@ def test_exhaustive_beam_search_top1_is_the_argmax_of_exact_scoring(sid_run: Pat
 
 def test_a_users_list_does_not_depend_on_padding_or_batch_composition(sid_run: Path) -> None:
     model = generative(sid_run).eval()
-    from tests.test_llm_model import batch_of
-
     alone_items, alone_scores = model.topk_batch(batch_of([[5, 9, 13]]), 10)
     mixed_items, mixed_scores = model.topk_batch(batch_of([[1, 2, 3, 4, 6, 7, 8, 10], [5, 9, 13], [0]]), 10)
     assert torch.equal(alone_items[0], mixed_items[1])

@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
     trainer, data = cli.trainer, cli.datamodule
     resumed_from, fit_seconds = cli.fit()
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = cli.best_checkpoint
     model = from_lightning_checkpoint(Path(best)) if best else cli.model
     best_val = trainer.validate(model, datamodule=data, verbose=False)[0]
     if not trainer.is_global_zero:
@@ -69,13 +69,8 @@ def main(argv: list[str]) -> None:
     manifest = Manifest(stage=STAGE, config=cli.config.as_dict(), seed=cli.config.seed_everything)
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
     manifest.extra = {
-        "best_val": {name.removeprefix("val/"): value for name, value in best_val.items()},
-        "best_checkpoint": best or None,
-        "epochs": trainer.current_epoch,
-        "global_steps": trainer.global_step,
+        **cli.fit_summary(best_val, resumed_from, fit_seconds),
         "stopped_early": bool(trainer.early_stopping_callback and trainer.early_stopping_callback.stopped_epoch),
-        "fit_wall_time_s": round(fit_seconds, 2),
-        "resumed_from": resumed_from,
     }
     with stage_output(cli.run_dir, STAGE, manifest) as out:
         for name, path in export(model, out).items():

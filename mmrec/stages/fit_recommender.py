@@ -22,14 +22,12 @@ from mmrec.artifacts import Manifest, stage_output
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.evaluation.report import path_sha256
 from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
-from mmrec.models.llm.generative import GenerativeRecommender
+from mmrec.models.llm.generative import GenerativeRecommender  # noqa: F401 (imported: --model GenerativeRecommender resolves)
 from mmrec.models.llm.recommender import LLMRecommender
 from mmrec.models.llm.throughput import TrainingThroughput
 from mmrec.stages.lightning_cli import StageCLI
 
-HEADS = {
-    head.head: f"{head.__module__}.{head.__qualname__}" for head in (LLMRecommender, GenerativeRecommender)
-}
+DEFAULT_HEAD = f"{LLMRecommender.__module__}.{LLMRecommender.__qualname__}"
 
 
 class FitRecommenderCLI(StageCLI):
@@ -37,7 +35,7 @@ class FitRecommenderCLI(StageCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
-        parser.set_defaults({"data.train_mode": "prefix", "model": {"class_path": HEADS["fusion"]}})
+        parser.set_defaults({"data.train_mode": "prefix", "model": {"class_path": DEFAULT_HEAD}})
         parser.link_arguments("run_dir", "model.init_args.run_dir")
         parser.link_arguments("data.max_len", "model.init_args.max_len")
         parser.link_arguments("data.num_items", "model.init_args.num_items", apply_on="instantiate")
@@ -62,7 +60,7 @@ def main(argv: list[str]) -> None:
     trainer, data, model = cli.trainer, cli.datamodule, cli.model
     resumed_from, fit_seconds = cli.fit()
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    best = cli.best_checkpoint
     if best:
         model.load_trained(torch.load(best, map_location=model.device, weights_only=True)["state_dict"], best)
     best_val = trainer.validate(model, datamodule=data, verbose=False)[0]
@@ -75,15 +73,7 @@ def main(argv: list[str]) -> None:
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
     for name, path, source in model.input_files:
         manifest.add_input(name, path, source)
-    manifest.extra = {
-        "best_val": {name.removeprefix("val/"): value for name, value in best_val.items()},
-        "best_checkpoint": best or None,
-        "epochs": trainer.current_epoch,
-        "global_steps": trainer.global_step,
-        "fit_wall_time_s": round(fit_seconds, 2),
-        "resumed_from": resumed_from,
-        **meter.summary(),
-    }
+    manifest.extra = {**cli.fit_summary(best_val, resumed_from, fit_seconds), **meter.summary()}
     with stage_output(cli.run_dir, model.export_folder, manifest) as out:
         for path in model.export(out):
             if path.is_dir():  # adapter/ (and backbone/ for tiny): one entry, hashed over its files

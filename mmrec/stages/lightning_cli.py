@@ -131,6 +131,23 @@ class StageCLI(LightningCLI):
                       "(--resume true continues one)")
         return self.resume_path()
 
+    @property
+    def best_checkpoint(self) -> str:
+        """The checkpoint callback's best model path ("" when there is none)."""
+        callback = self.trainer.checkpoint_callback
+        return callback.best_model_path if callback else ""
+
+    def fit_summary(self, best_val: dict[str, float], resumed_from: str | None, fit_seconds: float) -> dict[str, Any]:
+        """What every training stage's manifest records about its fit (``extra``)."""
+        return {
+            "best_val": {name.removeprefix("val/"): value for name, value in best_val.items()},
+            "best_checkpoint": self.best_checkpoint or None,
+            "epochs": self.trainer.current_epoch,
+            "global_steps": self.trainer.global_step,
+            "fit_wall_time_s": round(fit_seconds, 2),
+            "resumed_from": resumed_from,
+        }
+
     def fit(self) -> tuple[str | None, float]:
         """Fit the stage's model, from ``last.ckpt`` when resuming; return that path (or None) and the wall time.
 

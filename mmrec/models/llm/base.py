@@ -36,6 +36,7 @@ from mmrec.models.llm.lora import LoRASpec, add_lora, load_adapter_weights
 from mmrec.models.llm.prompt import PromptSpec, prompt_token_ids
 from mmrec.models.sid_embedding import load_sids
 
+DEFAULT_BACKBONE, DEFAULT_LORA = BackboneSpec(), LoRASpec()  # frozen: safe defaults
 STAGE = "fit-recommender"
 SIDS_STAGE = "assign-sids"
 SIDS_FILES = {"sids": "sids.parquet", "codebooks": "codebooks.safetensors"}

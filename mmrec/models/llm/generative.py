@@ -30,13 +30,21 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from mmrec.artifacts import stage_dir
 from mmrec.evaluation.metrics import DEFAULT_K, list_ranks
 from mmrec.models.llm.backbone import BackboneSpec, load_backbone
-from mmrec.models.llm.base import SIDS_FILES, SIDS_STAGE, STAGE, LLMRecommenderBase, TrainingError, load_model
+from mmrec.models.llm.base import (
+    DEFAULT_BACKBONE,
+    DEFAULT_LORA,
+    SIDS_FILES,
+    SIDS_STAGE,
+    STAGE,
+    LLMRecommenderBase,
+    TrainingError,
+    load_model,
+)
 from mmrec.models.llm.lora import LoRASpec
-from mmrec.models.llm.prompt import PromptSpec
+from mmrec.models.llm.prompt import PromptSpec, padding_last
 from mmrec.models.llm.sid_tokens import SIDVocabulary, add_sid_tokens, initial_token_embeddings
 from mmrec.models.llm.sid_trie import SIDTrie, constrained_beam_search
 
-DEFAULT_BACKBONE, DEFAULT_LORA = BackboneSpec(), LoRASpec()
 DEFAULT_PROMPT = PromptSpec(question="Predict the semantic ID of the next item.")
 
 
@@ -142,8 +150,7 @@ class GenerativeRecommender(LLMRecommenderBase):
             parts.append(self.sid_token_ids[self.item_sid_rows[target]])
         ids = torch.cat(parts, dim=1)
         valid = ids >= 0
-        # A stable sort on padding moves real tokens to the front, in order, and padding to the back.
-        order = torch.sort((~valid).to(torch.int32), dim=1, stable=True).indices
+        order = padding_last(valid)
         ids, valid = ids.gather(1, order), valid.gather(1, order)
         return ids.clamp(min=0), valid.long(), valid.sum(dim=1)
 

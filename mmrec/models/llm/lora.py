@@ -66,7 +66,8 @@ def load_adapter_weights(model: PeftModel, folder: Path) -> None:
     result = set_peft_model_state_dict(model, load_file(str(path)))
     # A tied output layer shares its trainable-token rows with the input embedding: loaded through the latter.
     params = dict(model.named_parameters(remove_duplicate=False))
-    loaded = {id(param) for name, param in params.items() if name not in set(result.missing_keys)}
+    absent = set(result.missing_keys)
+    loaded = {id(param) for name, param in params.items() if name not in absent}
     missing = [
         key for key in result.missing_keys
         if ("lora_" in key or "trainable_tokens_delta" in key) and id(params.get(key)) not in loaded

@@ -58,6 +58,12 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, spec: PromptSpec) -> tu
     return tokenizer(before, add_special_tokens=False)["input_ids"], tokenizer(after, add_special_tokens=False)["input_ids"]
 
 
+def padding_last(valid: Tensor) -> Tensor:
+    """Per-row gather indices that move real positions (``valid``) to the front, in order, and padding to
+    the back: a stable sort on "is padding"."""
+    return torch.sort((~valid).to(torch.int32), dim=1, stable=True).indices
+
+
 class PromptSplicer(nn.Module):
     """Builds ``inputs_embeds``, ``attention_mask`` and ``position_ids`` for a batch of histories."""
 
@@ -82,8 +88,7 @@ class PromptSplicer(nn.Module):
         suffix = embed(self.suffix_ids).to(items.dtype).expand(batch, -1, -1)
         sequence = torch.cat([prefix, items, suffix], dim=1)
         valid = torch.cat([mask.new_ones(batch, prefix.shape[1]), mask, mask.new_ones(batch, suffix.shape[1])], dim=1)
-        # A stable sort on padding moves real tokens to the front, in order, and padding to the back.
-        order = torch.sort((~valid).to(torch.int32), dim=1, stable=True).indices
+        order = padding_last(valid)
         valid = valid.gather(1, order)
         sequence = sequence.gather(1, order.unsqueeze(-1).expand(-1, -1, sequence.shape[-1]))
         sequence = sequence * valid.unsqueeze(-1).to(sequence.dtype)

@@ -21,7 +21,15 @@ from torch import Tensor, nn
 from mmrec.data.prepared import ModalityEmbeddings, PreparedData, load_modality
 from mmrec.evaluation.metrics import DEFAULT_K, target_ranks
 from mmrec.models.llm.backbone import BackboneSpec, load_backbone
-from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase, TrainingError, load_model
+from mmrec.models.llm.base import (
+    DEFAULT_BACKBONE,
+    DEFAULT_LORA,
+    MONITOR,
+    STAGE,
+    LLMRecommenderBase,
+    TrainingError,
+    load_model,
+)
 from mmrec.models.llm.fusion import HEAD, FrequencyAwareFusion
 from mmrec.models.llm.item_encoder import ItemEncoder
 from mmrec.models.llm.lora import LoRASpec
@@ -29,7 +37,7 @@ from mmrec.models.llm.prompt import PromptSpec, PromptSplicer
 from mmrec.models.sid_embedding import SIDEmbedding
 
 __all__ = ["MONITOR", "STAGE", "LLMRecommender", "load"]
-DEFAULT_BACKBONE, DEFAULT_LORA, DEFAULT_PROMPT = BackboneSpec(), LoRASpec(), PromptSpec()  # frozen: safe defaults
+DEFAULT_PROMPT = PromptSpec()
 
 
 class LLMRecommender(LLMRecommenderBase):
