@@ -65,6 +65,18 @@ def test_fit_then_test_exports_adapter_and_heads_and_evaluates(tiny_run: Path) -
         load(tiny_run, None, torch.device("cpu"))
 
 
+def test_item_readout_trains_on_shifted_sequences_and_answer_readout_refuses_them(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_sids(tiny_run)
+    assert fit(tiny_run, "--data.train_mode", "shifted", "--model.init_args.readout", "item") == 0
+    manifest = Manifest.read(tiny_run / "fit-recommender")
+    assert manifest.extra["global_steps"] == 4 and json.loads((tiny_run / "fit-recommender" / "recommender.json").read_text())["hparams"]["readout"] == "item"
+    assert 0.0 <= evaluate(tiny_run, "fusion")["metrics"]["ndcg@10"] <= 1.0
+    capsys.readouterr()
+    assert fit(tiny_run, "--data.train_mode", "shifted") == 2
+    assert "data.train_mode=shifted" in capsys.readouterr().err
+    assert Manifest.read(tiny_run / "fit-recommender").extra["global_steps"] == 4  # the previous export stands
+
+
 def test_sids_of_another_items_table_are_refused_naming_both_files(tiny_run: Path) -> None:
     folder = write_sids(tiny_run)
     manifest = json.loads((folder / "manifest.json").read_text())

@@ -45,14 +45,55 @@ def test_splicer_moves_padding_right_and_never_masks_a_whole_row() -> None:
     assert bool(attention[:, 0].all())
 
 
-def test_a_users_scores_do_not_depend_on_padding_or_batch_composition(sid_run: Path) -> None:
-    model = tiny_model(sid_run).eval()
+@pytest.mark.parametrize("readout", ["answer", "item"])
+def test_a_users_scores_do_not_depend_on_padding_or_batch_composition(sid_run: Path, readout: str) -> None:
+    model = tiny_model(sid_run, readout=readout).eval()
     user = [5, 9, 13]
     others = [[1, 2, 3, 4, 6, 7, 8, 10], [0], [11, 12, 14, 15, 16]]
     alone = model.score_batch(batch_of([user]))
     mixed = model.score_batch(batch_of([others[0], user, *others[1:]]))[1:2]
     assert torch.allclose(alone, mixed, atol=1e-5, rtol=1e-5)
     assert torch.equal(alone.topk(10).indices, mixed.topk(10).indices)
+
+
+def test_item_positions_point_at_each_real_item_after_the_prefix() -> None:
+    splicer = PromptSplicer(prefix_ids=[1, 2], suffix_ids=[])
+    embed = torch.nn.Embedding(10, 4)
+    items = torch.randn(2, 3, 4)
+    mask = torch.tensor([[False, True, True], [True, True, True]])
+    inputs, _, _, last = splicer(embed, items, mask)
+    positions = splicer.item_positions(mask)
+    assert positions.tolist() == [[0, 2, 3], [2, 3, 4]]
+    assert torch.equal(inputs[0, positions[0, 1:]], items[0, 1:]) and torch.equal(inputs[1, positions[1]], items[1])
+    assert torch.equal(positions[:, -1], last)  # no suffix: the last item is the last real token
+
+
+def test_item_readout_gives_every_prefix_the_state_of_its_own_prompt(sid_run: Path) -> None:
+    """One pass over the whole sequence (``readout: item``, shifted training) = one prompt per prefix."""
+    model = tiny_model(sid_run, readout="item").eval()
+    sequence = [3, 7, 1, 12, 5]
+    whole = batch_of([sequence, [2, 4]])
+    with torch.no_grad():
+        states = model.item_states(whole["history"], whole["mask"])[0, -len(sequence):]
+        for t in range(1, len(sequence) + 1):
+            prefix = batch_of([sequence[:t]])
+            assert torch.allclose(states[t - 1], model(prefix["history"], prefix["mask"])[0], atol=1e-5, rtol=1e-5)
+    assert model.prompt_ids[1] == [] and model.spec()["prompt_tokens"]["suffix"] == []
+
+
+def test_shifted_training_loss_is_the_mean_of_the_prefix_losses(sid_run: Path) -> None:
+    """The same samples and objective as ``train_mode=prefix``: cross-entropy averaged over every prefix."""
+    model = tiny_model(sid_run, readout="item", dropout=0.0).eval()
+    model.log = lambda *args, **kwargs: None
+    sequences = [[3, 7, 1, 12, 5], [2, 4, 9]]
+    shifted = batch_of([s[:-1] for s in sequences])
+    targets, _ = left_pad([torch.tensor(s[1:]).numpy() for s in sequences], 8)
+    shifted["targets"] = targets.masked_fill(~shifted["mask"], -100)
+    prefixes = [(s[:t], s[t]) for s in sequences for t in range(1, len(s))]
+    per_prefix = batch_of([h for h, _ in prefixes])
+    per_prefix["target"] = torch.tensor([target for _, target in prefixes])
+    with torch.no_grad():
+        assert torch.allclose(model.training_step(shifted, 0), model.training_step(per_prefix, 0), atol=1e-5)
 
 
 def test_fusion_weights_follow_frequency_and_mask_absent_modalities() -> None:

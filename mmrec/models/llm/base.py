@@ -109,6 +109,19 @@ class LLMRecommenderBase(L.LightningModule):
 
     # ---- Lightning ---------------------------------------------------------------------------------
 
+    def train_modes(self) -> tuple[str, ...]:
+        """The ``SequenceDataModule.train_mode`` values this model can train on."""
+        return ("prefix",)
+
+    def setup(self, stage: str) -> None:
+        """Refuse a data module whose training samples this model cannot read, before any step runs."""
+        mode = getattr(self.trainer.datamodule, "train_mode", None) if stage == "fit" else None
+        if mode is not None and mode not in self.train_modes():
+            raise InputError(
+                f"data.train_mode={mode} does not suit this model (it trains on {' or '.join(self.train_modes())}); "
+                "train_mode=shifted needs the fusion head with model.readout=item"
+            )
+
     def on_validation_epoch_end(self) -> None:
         values = self.val_metrics.compute()
         self.log_dict({f"val/{name}": value.float() for name, value in values.items()})

@@ -4,7 +4,8 @@ Layout of one user's sequence (``inputs_embeds``)::
 
     [template + system + instruction tokens] [item 1] ... [item n] [question + assistant header tokens]
 
-The token parts are tokenised once. A batch is right-padded (padding after each user's last token), the
+The token parts are tokenised once; the suffix may be empty (the recommender's ``readout: item`` reads the
+user state at the items themselves, so nothing after the last item is ever read). A batch is right-padded (padding after each user's last token), the
 attention mask hides the padding, and the user state is read at each row's last real token. Right, not
 left, padding: a left pad has no earlier real token to attend to, and CUDA's memory-efficient attention
 returns NaN for such a fully masked row, which then reaches every real token through the values. Here the
@@ -96,3 +97,13 @@ class PromptSplicer(nn.Module):
         lengths = attention_mask.sum(dim=1)
         position_ids = torch.arange(valid.shape[1], device=valid.device).expand(batch, -1)
         return sequence, attention_mask, position_ids, lengths - 1
+
+    def item_positions(self, mask: Tensor) -> Tensor:
+        """``[B, L]`` index of each history item in the spliced sequence (0 where ``mask`` is False).
+
+        The items follow the prefix in order once padding has moved right, so item ``j`` of a row with
+        ``n`` real items (left-padded to ``L``) sits at ``prefix + j - (L - n)``.
+        """
+        shift = mask.shape[1] - mask.sum(dim=1, keepdim=True)
+        positions = len(self.prefix_ids) + torch.arange(mask.shape[1], device=mask.device) - shift
+        return positions.clamp(min=0) * mask

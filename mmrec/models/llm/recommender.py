@@ -1,8 +1,13 @@
 """The LLM recommender (MME-SID): a LoRA-tuned causal LM that reads a history of multimodal item vectors
 and scores the whole catalog through frequency-aware fusion.
 
-Training samples are every prefix of each user's training sequence (``SequenceDataModule`` with
-``train_mode=prefix``); the loss is cross-entropy over all items. Only LoRA and mmrec's own modules
+Training samples are every prefix of each user's training sequence; the loss is cross-entropy over all
+items. Where the user state is read (``readout``) decides how those samples are computed. MME-SID's
+``answer`` reads it after the question, at the token where the assistant's answer would begin, so each
+prefix is its own prompt (``SequenceDataModule`` with ``train_mode=prefix``). ``item`` reads it at each
+history item's own position, as SASRec does, so one causal pass over a user's whole sequence yields the
+states of all its prefixes (``train_mode=shifted``): the same samples and loss for about a seventh of the
+tokens on Beauty, and the same user state at evaluation as a prompt of that prefix alone. Only LoRA and mmrec's own modules
 (item encoder with its code embeddings, fusion head) are trained, so Lightning checkpoints keep only those
 tensors: the frozen backbone is rebuilt from its source when a checkpoint is loaded (see
 :meth:`LLMRecommender.on_save_checkpoint`). The export for ``mmrec test`` is the peft adapter, the heads as
@@ -50,6 +55,9 @@ class LLMRecommender(LLMRecommenderBase):
         backbone: the causal LM (see :class:`~mmrec.models.llm.backbone.BackboneSpec`).
         lora: LoRA settings (see :class:`~mmrec.models.llm.lora.LoRASpec`).
         prompt: instruction texts around the history (see :class:`~mmrec.models.llm.prompt.PromptSpec`).
+        readout: where the user state is read: ``answer`` (MME-SID) at the prompt's last token, after the
+            question; ``item`` at the last history item (the question is then left out, since nothing would
+            read it), which lets ``data.train_mode=shifted`` train on every prefix in one pass.
         modalities: raw embeddings that go into each item vector: any of ``collab``, ``text``, ``image``.
         sid_modalities: modalities whose semantic-ID code embeddings go into each item vector; None: the
             same as ``modalities``; ``[]``: no code embeddings.
@@ -83,6 +91,7 @@ class LLMRecommender(LLMRecommenderBase):
         backbone: BackboneSpec = DEFAULT_BACKBONE,
         lora: LoRASpec = DEFAULT_LORA,
         prompt: PromptSpec = DEFAULT_PROMPT,
+        readout: Literal["answer", "item"] = "answer",
         modalities: list[str] = ["collab", "text"],  # noqa: B006 (jsonargparse needs a literal default)
         sid_modalities: list[str] | None = None,
         sid_scheme: Literal["sum", "prefix_ngram", "all_bigrams", "full_tuple"] = "sum",
@@ -111,6 +120,8 @@ class LLMRecommender(LLMRecommenderBase):
 
         model, tokenizer = load_backbone(backbone)
         self._attach_backbone(model, tokenizer, lora, prompt)
+        if readout == "item":
+            self.prompt_ids = (self.prompt_ids[0], [])
         self.prompt = PromptSplicer(*self.prompt_ids)
         hidden = model.config.hidden_size
         self.item_encoder = ItemEncoder(
@@ -141,15 +152,30 @@ class LLMRecommender(LLMRecommenderBase):
 
     # ---- the network -------------------------------------------------------------------------------
 
-    def forward(self, history: Tensor, mask: Tensor) -> Tensor:
-        """The user state ``[B, H]``: the backbone's last hidden state at each prompt's final real token."""
-        # The most recent max_len items. No data-dependent trimming: a host sync per step would stall the GPU.
-        history, mask = history[:, -self.max_len:], mask[:, -self.max_len:]
+    def _hidden(self, history: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Last hidden states ``[B, T, H]`` of the spliced prompts and each row's last real index ``[B]``."""
         embed = self.lm.get_input_embeddings()
         vectors = self.item_encoder(history).to(embed.weight.dtype)
         inputs_embeds, attention_mask, position_ids, last = self.prompt(embed, vectors, mask)
         out = self.decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        return out.last_hidden_state[torch.arange(len(last), device=last.device), last]
+        return out.last_hidden_state, last
+
+    def forward(self, history: Tensor, mask: Tensor) -> Tensor:
+        """The user state ``[B, H]``: the backbone's last hidden state at each prompt's final real token (the
+        last history item under ``readout: item``, whose prompt has no suffix)."""
+        # The most recent max_len items. No data-dependent trimming: a host sync per step would stall the GPU.
+        history, mask = history[:, -self.max_len:], mask[:, -self.max_len:]
+        hidden, last = self._hidden(history, mask)
+        return hidden[torch.arange(len(last), device=last.device), last]
+
+    def item_states(self, history: Tensor, mask: Tensor) -> Tensor:
+        """``[B, L, H]``: the user state after each history item (``readout: item``); rows where ``mask`` is
+        False hold the prefix's first state and must be ignored. Causal attention makes state ``j`` that of
+        a prompt holding items ``..j`` only."""
+        history, mask = history[:, -self.max_len:], mask[:, -self.max_len:]
+        hidden, _ = self._hidden(history, mask)
+        positions = self.prompt.item_positions(mask)
+        return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
     def score_batch(self, batch: dict[str, Tensor]) -> Tensor:
         """``[B, num_items]`` float32 scores (the evaluation protocol of ``mmrec test``)."""
@@ -163,10 +189,19 @@ class LLMRecommender(LLMRecommenderBase):
 
     # ---- Lightning ---------------------------------------------------------------------------------
 
+    def train_modes(self) -> tuple[str, ...]:
+        return ("prefix", "shifted") if self.hparams.readout == "item" else ("prefix",)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        logits = self.fusion(self(batch["history"], batch["mask"]))
-        loss = F.cross_entropy(logits, batch["target"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        if "targets" in batch:  # shifted: every prefix of each user's sequence in one pass (readout: item)
+            states = self.item_states(batch["history"], batch["mask"])
+            targets = batch["targets"][:, -self.max_len:]  # -100 on padding: no sync to drop those rows
+            logits = self.fusion(states.flatten(0, 1))
+            loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
+        else:
+            logits = self.fusion(self(batch["history"], batch["mask"]))
+            loss = F.cross_entropy(logits, batch["target"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["history"]))
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
