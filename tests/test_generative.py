@@ -151,7 +151,8 @@ def test_fit_then_test_generative_end_to_end(sid_run: Path) -> None:
     assert spec["head"] == "generative" and spec["hparams"]["num_beams"] == 20
     manifest = Manifest.read(out)
     assert {"sids", "codebooks"} <= set(manifest.inputs) and manifest.extra["global_steps"] == 4
-    last = sid_run / "fit-recommender.work" / "checkpoints" / "last.ckpt"
+    last = sid_run / "fit-recommender-generative.work" / "checkpoints" / "last.ckpt"  # the fusion head's stay apart
+    assert not (sid_run / "fit-recommender.work").exists()
     state = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     assert any("trainable_tokens_delta" in key for key in state) and not any("base_layer" in key for key in state)
 

@@ -5,14 +5,16 @@ Wiring only. The head is the model class (``model.class_path``): the default,
 GenerativeRecommender`` (:class:`mmrec.models.llm.generative.GenerativeRecommender`) is the generative SID
 head. The data is ``SequenceDataModule`` in ``prefix`` mode (every prefix of a user's training sequence is
 one sample). Checkpoints hold the trained tensors only (LoRA, new token rows, mmrec's heads; the frozen
-backbone is rebuilt from its source) and live in ``<run_dir>/fit-recommender.work/checkpoints``, with
-``last.ckpt`` for ``--resume true``. The checkpoint with the best validation NDCG@10 is exported,
+backbone is rebuilt from its source) and live in ``<run_dir>/<export folder>.work/checkpoints`` (one folder
+per head, so training one head never clears or resumes the other's), with ``last.ckpt`` for ``--resume true``. The checkpoint with the best validation NDCG@10 is exported,
 atomically, to ``<run_dir>/fit-recommender/``: ``adapter/`` (peft), ``heads.safetensors``,
 ``recommender.json``, and a manifest with the inputs, the best validation metrics, training time, tokens/s
 and peak GPU memory.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -44,6 +46,12 @@ class FitRecommenderCLI(StageCLI):
             "model_checkpoint.monitor": MONITOR, "model_checkpoint.mode": "max",
             "model_checkpoint.save_last": True, "model_checkpoint.filename": "best-{epoch}-{step}",
         })
+
+    @property
+    def work_name(self) -> str:
+        """The model class's export folder (``fit-recommender`` or ``fit-recommender-generative``)."""
+        module, name = self.config.model.class_path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name).export_folder
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()

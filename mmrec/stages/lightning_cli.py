@@ -75,7 +75,7 @@ class StageCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config
         if config.trainer.default_root_dir is None:
-            config.trainer.default_root_dir = str(work_dir(config.run_dir, self.stage))
+            config.trainer.default_root_dir = str(work_dir(config.run_dir, self.work_name))
         every = config.checkpoint_every_n_steps
         if every < 0:
             raise InputError(f"checkpoint_every_n_steps must be 0 or more, got {every}")
@@ -105,8 +105,13 @@ class StageCLI(LightningCLI):
         return Path(self.config.run_dir)
 
     @property
+    def work_name(self) -> str:
+        """Name of the ``<run_dir>/<name>.work`` folder holding this run's checkpoints and logs."""
+        return self.stage
+
+    @property
     def checkpoint_dir(self) -> Path:
-        return work_dir(self.run_dir, self.stage) / "checkpoints"
+        return work_dir(self.run_dir, self.work_name) / "checkpoints"
 
     def resume_path(self) -> str | None:
         """``last.ckpt`` when ``--resume`` is set and one exists, else None (train from scratch)."""
