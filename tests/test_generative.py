@@ -14,7 +14,10 @@ import torch
 from mmrec.artifacts import Manifest
 from mmrec.cli import main as mmrec
 from mmrec.errors import InputError, MMRecError
+from mmrec.models.llm.backbone import BackboneSpec
 from mmrec.models.llm.generative import GenerativeRecommender, load
+from mmrec.models.llm.lora import LoRASpec
+from mmrec.models.llm.prompt import PromptSpec
 from mmrec.models.llm.sid_tokens import token_string
 from mmrec.models.llm.sid_trie import SIDTrie, constrained_beam_search
 from mmrec.models.sid_embedding import load_sids
@@ -164,6 +167,18 @@ def test_fit_then_test_generative_end_to_end(sid_run: Path) -> None:
     history = torch.tensor([[1, 2, 3, 4]])
     mask = torch.ones_like(history, dtype=torch.bool)
     assert torch.equal(exported.decode(history, mask, 10)[0], checkpointed.decode(history, mask, 10)[0])
+    # ... and both are the model that trained: built as the stage built it (the random tiny backbone from its
+    # seed), given the checkpoint's tensors. The export's saved backbone must carry every frozen tensor.
+    hparams = dict(spec["hparams"])
+    trained_model = GenerativeRecommender(
+        run_dir=str(sid_run), backbone=BackboneSpec(**hparams.pop("backbone")), lora=LoRASpec(**hparams.pop("lora")),
+        prompt=PromptSpec(**hparams.pop("prompt")), **hparams,
+    )
+    trained_model.load_trained(torch.load(last, map_location="cpu", weights_only=True)["state_dict"], last)
+    trained_model.eval()
+    items, scores = trained_model.decode(history, mask, 10)
+    assert torch.equal(items, exported.decode(history, mask, 10)[0])
+    assert torch.allclose(scores, checkpointed.decode(history, mask, 10)[1], atol=1e-5)
     trained = exported.lm.get_input_embeddings()(exported.sid_token_ids)
     initial = generative(sid_run).lm.get_input_embeddings()(exported.sid_token_ids)
     assert not torch.allclose(trained, initial)  # the SID rows were trained, and the export carries them

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import re
 from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,6 +47,7 @@ ADAPTER_DIR = "adapter"
 BACKBONE_DIR = "backbone"
 MONITOR = "val/ndcg@10"
 _TOKEN_ROWS = "trainable_tokens_delta"  # peft's name for the trained rows of new tokens
+_WRAPPED = re.compile(r"\.(?:token_adapter\.)?base_layer\.")  # peft's wrappers around a LoRA layer / new token rows
 
 
 class TrainingError(MMRecError):
@@ -209,11 +211,11 @@ class LLMRecommenderBase(L.LightningModule):
         """
         base = self.base_model()
         state = {
-            k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
-            if "lora_" not in k and "trainable_tokens_" not in k
+            _WRAPPED.sub(".", key): value for key, value in base.state_dict().items()
+            if "lora_" not in key and _TOKEN_ROWS not in key
         }
         clean = type(base)(base.config)
-        clean.load_state_dict(state, strict=False)
+        clean.load_state_dict(state, strict=True)  # every backbone tensor, or an error: never a random one saved
         clean.save_pretrained(str(folder))
         self.tokenizer.save_pretrained(str(folder))
 
