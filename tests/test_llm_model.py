@@ -146,7 +146,7 @@ def test_only_the_adapter_and_heads_are_exported_and_reload_to_identical_scores(
     heads = load_file(str(tmp_path / "heads.safetensors"))
     assert all(key.startswith(("item_encoder.", "fusion.")) for key in heads)
     assert not any("table_" in key for key in heads)  # frozen embedding tables are read from the run
-    assert {path.name for path in files} == {"adapter", "heads.safetensors", "recommender.json", "backbone"}
+    assert {path.name for path in files.values()} == {"adapter", "heads.safetensors", "recommender.json", "backbone"}
 
     fresh = tiny_model(sid_run, seed=1).eval()
     assert not torch.allclose(fresh.score_batch(batch), expected)

@@ -30,6 +30,17 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def path_sha256(path: str | Path) -> str:
+    """Content hash of a file, or of a folder (its files' relative paths and hashes, in sorted order)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
 @dataclass
 class Manifest:
     """The record a stage leaves beside its outputs."""
@@ -55,9 +66,9 @@ class Manifest:
                 self.lineage.setdefault(key, value)
 
     def add_output(self, name: str, path: str | Path, rows: int | None = None) -> None:
-        """Record an output file (relative to the stage folder) by content hash."""
+        """Record an output file or folder (in the stage folder) by content hash."""
         path = Path(path)
-        self.outputs[name] = {"file": path.name, "sha256": file_sha256(path), "rows": rows}
+        self.outputs[name] = {"file": path.name, "sha256": path_sha256(path), "rows": rows}
 
     def write(self, folder: str | Path) -> Path:
         target = Path(folder) / MANIFEST
@@ -109,9 +120,9 @@ class Manifest:
         if name not in self.outputs:
             raise InputError(f"{folder / MANIFEST}: stage '{self.stage}' recorded no output '{name}'")
         path = folder / self.outputs[name]["file"]
-        if not path.is_file():
+        if not path.exists():
             raise InputError(f"{path}: listed in {folder / MANIFEST} but missing")
-        if file_sha256(path) != self.outputs[name]["sha256"]:
+        if path_sha256(path) != self.outputs[name]["sha256"]:
             raise LineageError(f"{path}: content differs from the hash in {folder / MANIFEST}; re-run '{self.stage}'")
         return path
 

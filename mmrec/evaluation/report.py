@@ -7,7 +7,6 @@ hash), the split and the protocol (full ranking or a top-k list, history masked 
 
 from __future__ import annotations
 
-import hashlib
 import platform
 import time
 from pathlib import Path
@@ -16,19 +15,9 @@ from typing import Any
 import torch
 
 from mmrec import __version__
-from mmrec.artifacts.manifest import file_sha256
+from mmrec.artifacts.manifest import path_sha256
 from mmrec.data.prepared import PreparedData
 from mmrec.evaluation.evaluate import Evaluation
-
-
-def path_sha256(path: Path) -> str:
-    """Content hash of a file, or of a folder (its files' relative paths and hashes, in sorted order)."""
-    if path.is_file():
-        return file_sha256(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
-    return digest.hexdigest()
 
 
 def device_name(device: torch.device) -> str:

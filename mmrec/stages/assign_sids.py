@@ -12,7 +12,7 @@ import warnings
 
 from safetensors.torch import save_file
 
-from mmrec.artifacts import Manifest, stage_output, write_table
+from mmrec.artifacts import stage_output, write_table
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.artifacts.schemas import SIDS
 from mmrec.data.datamodules import ItemFeatureDataModule
@@ -67,8 +67,7 @@ def main(argv: list[str]) -> None:
         if r.fell_back:
             warnings.warn(f"{m}: reassign found no free last-level code for some item; used suffix", stacklevel=1)
 
-    config = json.loads(json.dumps(cli.config.as_dict(), default=str))
-    manifest = Manifest(stage=STAGE, config=config, seed=cli.config.seed_everything)
+    manifest = cli.manifest()
     manifest.add_input("items", data.prepared.items_path, data.prepared.manifest)
     for name, entry in mapper.folder.manifest.outputs.items():
         manifest.add_input(f"quantizer.{name}", mapper.folder.path / entry["file"], mapper.folder.manifest)

@@ -16,7 +16,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
-from mmrec.artifacts import Manifest, stage_output
+from mmrec.artifacts import stage_output
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.models.sasrec import (
     MONITOR,
@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
         return
 
     prepared = data.prepared
-    manifest = Manifest(stage=STAGE, config=cli.config.as_dict(), seed=cli.config.seed_everything)
+    manifest = cli.manifest()
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
     manifest.extra = {
         **cli.fit_summary(best_val, resumed_from, fit_seconds),

@@ -14,13 +14,11 @@ Outputs in ``<run_dir>/fit-quantizer/``: ``quantizer.safetensors`` and ``quantiz
 
 from __future__ import annotations
 
-import json
-
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 from safetensors.torch import save_file
 
-from mmrec.artifacts import Manifest, stage_output, work_dir
+from mmrec.artifacts import stage_output, work_dir
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.data.datamodules import ItemFeatureDataModule
 from mmrec.models.mm_rqvae import MMRQVAE
@@ -61,8 +59,7 @@ def main(argv: list[str]) -> None:
         return
     report = model.evaluate_codes(data.predict_dataloader(), tau_pairs=FINAL_TAU_PAIRS)
 
-    config = json.loads(json.dumps(cli.config.as_dict(), default=str))
-    manifest = Manifest(stage=STAGE, config=config, seed=cli.config.seed_everything)
+    manifest = cli.manifest()
     for modality, table in data.tables.items():
         manifest.add_input(f"emb_{modality}", table.path, table.manifest)
     manifest.extra = {

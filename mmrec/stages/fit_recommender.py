@@ -20,9 +20,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
-from mmrec.artifacts import Manifest, stage_output
+from mmrec.artifacts import stage_output
 from mmrec.data.datamodules import SequenceDataModule
-from mmrec.evaluation.report import path_sha256
 from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender  # noqa: F401 (imported: --model GenerativeRecommender resolves)
 from mmrec.models.llm.recommender import LLMRecommender
@@ -76,19 +75,17 @@ def main(argv: list[str]) -> None:
         return
 
     prepared = data.prepared
-    manifest = Manifest(stage=STAGE, config=cli.config.as_dict(), seed=cli.config.seed_everything)
+    manifest = cli.manifest()
     manifest.add_input("items", prepared.items_path, prepared.manifest)
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
     for name, path, source in model.input_files:
         manifest.add_input(name, path, source)
-    manifest.extra = {**cli.fit_summary(best_val, resumed_from, fit_seconds), **meter.summary()}
+    throughput = meter.summary()
+    manifest.extra = {**cli.fit_summary(best_val, resumed_from, fit_seconds), **throughput}
     with stage_output(cli.run_dir, model.export_folder, manifest) as out:
-        for path in model.export(out):
-            if path.is_dir():  # adapter/ (and backbone/ for tiny): one entry, hashed over its files
-                manifest.outputs[path.name] = {"file": path.name, "sha256": path_sha256(path), "rows": None}
-            else:
-                manifest.add_output(path.stem, path)
+        for name, path in model.export(out).items():
+            manifest.add_output(name, path)
     print(
         f"{STAGE} ({model.head} head): best {MONITOR} = {best_val.get(MONITOR, float('nan')):.4f} after {trainer.current_epoch} epochs "
-        f"({fit_seconds:.0f} s, {meter.summary()['tokens_per_second']} tokens/s); wrote {cli.run_dir / model.export_folder}"
+        f"({fit_seconds:.0f} s, {throughput['tokens_per_second']} tokens/s); wrote {cli.run_dir / model.export_folder}"
     )

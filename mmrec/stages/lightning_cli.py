@@ -13,6 +13,7 @@ the random streams (:class:`mmrec.stages.resume.RNGState`) and the training load
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from mmrec.artifacts import work_dir
+from mmrec.artifacts import Manifest, work_dir
 from mmrec.errors import InputError
 from mmrec.stages.resume import PARTIAL_SUFFIX, AtomicCheckpointIO, LoaderPosition, MidEpochCheckpoint, RNGState
 
@@ -103,6 +104,11 @@ class StageCLI(LightningCLI):
     @property
     def run_dir(self) -> Path:
         return Path(self.config.run_dir)
+
+    def manifest(self) -> Manifest:
+        """A manifest for this run's output: the stage, the resolved configuration (as JSON) and the seed."""
+        config = json.loads(json.dumps(self.config.as_dict(), default=str))
+        return Manifest(stage=self.stage, config=config, seed=self.config.seed_everything)
 
     @property
     def work_name(self) -> str:

@@ -31,7 +31,6 @@ from mmrec.artifacts.manifest import file_sha256
 from mmrec.data.prepared import MODALITY_STAGE, PreparedData, modality_path
 from mmrec.errors import InputError, LineageError, MMRecError
 from mmrec.evaluation.metrics import RankingMetrics
-from mmrec.evaluation.report import path_sha256
 from mmrec.models.llm.backbone import TINY, BackboneSpec
 from mmrec.models.llm.lora import LoRASpec, add_lora, load_adapter_weights
 from mmrec.models.llm.prompt import PromptSpec, prompt_token_ids
@@ -188,19 +187,19 @@ class LLMRecommenderBase(L.LightningModule):
     def _heads(self) -> dict[str, Tensor]:
         return {k: v.detach().cpu().contiguous() for k, v in self.named_parameters() if k.startswith(self.trained_prefixes)}
 
-    def export(self, folder: Path) -> list[Path]:
-        """Write adapter, heads, spec (and a ``tiny`` backbone) into ``folder``; return the files and folders."""
-        files = []
+    def export(self, folder: Path) -> dict[str, Path]:
+        """Write adapter, heads, spec (and a ``tiny`` backbone) into ``folder``; return them by manifest name."""
+        files = {}
         if isinstance(self.lm, PeftModel):
             self.lm.save_pretrained(str(folder / ADAPTER_DIR))
-            files.append(folder / ADAPTER_DIR)
+            files[ADAPTER_DIR] = folder / ADAPTER_DIR
         save_file(self._heads(), str(folder / HEADS_FILE))
-        files.append(folder / HEADS_FILE)
+        files["heads"] = folder / HEADS_FILE
         if self.hparams.backbone["name_or_path"] == TINY:
             self._save_tiny_backbone(folder / BACKBONE_DIR)
-            files.append(folder / BACKBONE_DIR)
+            files[BACKBONE_DIR] = folder / BACKBONE_DIR
         (folder / SPEC_FILE).write_text(json.dumps(self.spec(), indent=2) + "\n")
-        files.append(folder / SPEC_FILE)
+        files["recommender"] = folder / SPEC_FILE
         return files
 
     def _save_tiny_backbone(self, folder: Path) -> None:
@@ -245,14 +244,6 @@ def require_same_inputs(manifest: Manifest, folder: Path, run_dir: Path) -> None
             )
 
 
-def verify_folders(manifest: Manifest, folder: Path) -> None:
-    """Check ``adapter/`` (and ``backbone/``) against the folder hashes the manifest recorded."""
-    for name in (ADAPTER_DIR, BACKBONE_DIR):
-        entry = manifest.outputs.get(name)
-        if entry is not None and (not (folder / name).is_dir() or path_sha256(folder / name) != entry["sha256"]):
-            raise LineageError(f"{folder / name}: content differs from the hash in {folder / 'manifest.json'}; re-run {STAGE}")
-
-
 def load_model(
     cls: type[LLMRecommenderBase], run_dir: Path, checkpoint: str | None, device: torch.device
 ) -> LLMRecommenderBase:
@@ -294,7 +285,9 @@ def load_model(
         model.checkpoint_path = ckpt
     else:
         manifest.verify_output(folder, "heads")
-        verify_folders(manifest, folder)
+        for name in (ADAPTER_DIR, BACKBONE_DIR):  # recorded where the model has them (LoRA; a tiny backbone)
+            if name in manifest.outputs:
+                manifest.verify_output(folder, name)
         model.load_exported(folder)
         model.checkpoint_path = folder / HEADS_FILE
     return model.to(device).eval()
