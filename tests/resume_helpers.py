@@ -19,7 +19,11 @@ from lightning.pytorch.callbacks import Callback
 
 
 class PauseAtStep(Callback):
-    """At the end of global step ``step``: write the step to ``marker`` (atomically), then sleep until killed."""
+    """At the end of global step ``step``: write the step to ``marker`` (atomically), then sleep until killed.
+
+    Under DDP every rank pauses at that step and rank 0 alone writes the marker; the test then kills the
+    whole process group (the launcher's process and the ranks it started).
+    """
 
     def __init__(self, step: int, marker: str) -> None:
         self.step = step
@@ -29,8 +33,9 @@ class PauseAtStep(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int,
     ) -> None:
         if trainer.global_step == self.step:
-            written = self.marker.with_suffix(".tmp")
-            written.write_text(f"{trainer.global_step}\n")
-            written.replace(self.marker)
+            if trainer.is_global_zero:
+                written = self.marker.with_suffix(".tmp")
+                written.write_text(f"{trainer.global_step}\n")
+                written.replace(self.marker)
             while True:
                 time.sleep(60)

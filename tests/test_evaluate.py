@@ -158,3 +158,25 @@ def test_masked_results_go_to_their_own_folder(tiny_run: Path) -> None:
 def test_unknown_model_is_a_one_line_error(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert mmrec(["test", "--run_dir", str(tiny_run), "--model", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+class AutocastProbe(FixedScores):
+    """Scores as FixedScores, and records whether each call ran under autocast and in which dtype."""
+
+    def __init__(self) -> None:
+        self.seen: list[torch.dtype | None] = []
+
+    def score_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.seen.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return super().score_batch(batch)
+
+
+def test_autocast_is_applied_only_when_asked_and_recorded(tiny_run: Path) -> None:
+    plain, bf16 = AutocastProbe(), AutocastProbe()
+    evaluate(plain, batches(), NUM_ITEMS)
+    evaluate(bf16, batches(), NUM_ITEMS, autocast_dtype=torch.bfloat16)
+    assert set(plain.seen) == {None} and set(bf16.seen) == {torch.bfloat16}
+    for precision, recorded in (("auto", "32"), ("bf16", "bf16")):  # auto: bf16 on a GPU only
+        assert mmrec(["test", "--config", "tests/conf/test.yaml", "--run_dir", str(tiny_run), "--model", "popularity",
+                      "--precision", precision]) == 0
+        assert json.loads((tiny_run / "test" / "popularity-test" / "metrics.json").read_text())["precision"] == recorded

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mmrec.models.mm_rqvae import MMRQVAE
+from mmrec.models.residual_quantizer import sinkhorn_codes
 
 DIMS = {"collab": 8, "text": 16}
 
@@ -204,3 +205,14 @@ def test_save_and_load_round_trip(tmp_path: Path) -> None:
     for m in DIMS:
         assert torch.equal(loaded.quantize(table)[m], model.quantize(table)[m])
     assert all(bool(b.quantizer.initialised) for b in loaded.branches.values())
+
+
+def test_compiled_sinkhorn_gives_the_eager_assignment() -> None:
+    """``model.compile`` swaps in a compiled Sinkhorn (dynamic batch size): the same codes as eager."""
+    model = MMRQVAE(input_dims={"collab": 8}, codebook_size=16, code_dim=4, hidden_dims=[8], compile=True)
+    balance = model.branches["collab"].quantizer.balance_codes
+    generator = torch.Generator().manual_seed(0)
+    for rows in (64, 37):  # two batch sizes, one graph
+        distances = torch.rand(rows, 16, generator=generator)
+        assert torch.equal(balance(distances, 0.05, 30), sinkhorn_codes(distances, 0.05, 30))
+    assert balance.compiled is not None  # compiled, not the eager fallback

@@ -80,6 +80,28 @@ def test_a_training_step_reduces_the_loss(loss: str) -> None:
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("loss", ["ce", pytest.param("bce", marks=pytest.mark.slow)])
+def test_compiled_training_gives_the_eager_loss_and_gradients(loss: str) -> None:
+    """``compile`` pads to max_len and (for ce) ignores padding instead of selecting real positions: the same
+    loss and gradients for a batch shorter than max_len (one compilation, some 20 s on a CPU)."""
+    histories = [np.array([1, 2, 3, 4, 5]), np.array([6, 7, 8]), np.array([9, 0, 3, 11, 12, 13, 14, 15, 16, 17])]
+    items, mask = left_pad([h[:-1] for h in histories], 8)
+    targets, _ = left_pad([h[1:] for h in histories], 8)
+    targets[~mask] = -100
+    batch = {"history": items[:, -5:], "mask": mask[:, -5:], "targets": targets[:, -5:]}  # padded to 8 when compiled
+    results = []
+    for compiled in (False, True):
+        sasrec = model(loss=loss, item_bias=True, compile=compiled)
+        torch.manual_seed(3)  # the same bce negatives in both runs
+        value = sasrec.training_loss(batch)
+        value.backward()
+        results.append((value.detach(), sasrec.item_embedding.weight.grad.clone()))
+    assert all(fn.compiled is not None for fn in sasrec._compiled.values())  # compiled, not the eager fallback
+    (eager, eager_grad), (fast, fast_grad) = results
+    assert torch.allclose(eager, fast, rtol=1e-5, atol=1e-6), (eager, fast)
+    assert torch.allclose(eager_grad, fast_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_prefix_batches_train_on_the_last_position() -> None:
     sasrec = model().train()
     batch = batch_of([[1, 2], [3, 4, 5]])

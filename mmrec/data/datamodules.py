@@ -6,6 +6,10 @@ and the LLM read their prediction from, whatever the history's length.
 Training loaders are :class:`~mmrec.data.resumable.ResumableDataLoader` over an
 :class:`~mmrec.data.resumable.EpochSampler`: the order of every epoch is a function of the data module's
 ``seed`` and the epoch, and a run killed mid-epoch resumes with exactly the batches it had not trained on.
+
+Under DDP every loader shards itself (the loaders are built after Lightning has set up the process group):
+training through the sampler, evaluation through :func:`~mmrec.data.resumable.eval_sampler` (each user on
+one rank), except the quantizer's validation, which scores the whole item table on every rank.
 """
 
 from __future__ import annotations
@@ -16,10 +20,10 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mmrec.data.prepared import ModalityEmbeddings, PreparedData, load_modality
-from mmrec.data.resumable import EpochSampler, ResumableDataLoader
+from mmrec.data.resumable import EpochSampler, ResumableDataLoader, eval_sampler, world
 from mmrec.errors import InputError
 
 
@@ -151,7 +155,7 @@ class SequenceDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=batch_size, collate_fn=self.collate,
+            dataset, batch_size=batch_size, sampler=eval_sampler(len(dataset)), collate_fn=self.collate,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
         )
 
@@ -253,10 +257,25 @@ class ItemFeatureDataModule(L.LightningDataModule):
         return {name: table.dim for name, table in self.tables.items()}
 
     def _loader(self, batch_size: int) -> DataLoader:
-        return DataLoader(self.dataset, batch_size=batch_size, num_workers=self.num_workers, collate_fn=_already_batched)
+        """Every item in ``item_idx`` order, on every rank.
+
+        The quantizer's validation scores codes over the whole table (utilisation, unique tuples, Kendall's
+        tau are not sums over items that ranks could add up), so under DDP each rank scores all items and
+        logs the same figures. The sampler is then a one-replica ``DistributedSampler`` (all items, in
+        order) only so that Lightning does not shard the loader itself.
+        """
+        replicas, _ = world()
+        sampler = None
+        if replicas > 1:
+            sampler = DistributedSampler(range(len(self.dataset)), num_replicas=1, rank=0, shuffle=False)
+        return DataLoader(
+            self.dataset, batch_size=batch_size, sampler=sampler, num_workers=self.num_workers,
+            collate_fn=_already_batched,
+        )
 
     def train_dataloader(self) -> ResumableDataLoader:
-        sampler = EpochSampler(len(self.dataset), self.seed)
+        # the batch size only decides how the order is shared out under DDP (a plain shuffle ignores it)
+        sampler = EpochSampler(len(self.dataset), self.seed, self.batch_size)
         return ResumableDataLoader(
             self.dataset, sampler, self.batch_size, num_workers=self.num_workers, collate_fn=_already_batched,
         )

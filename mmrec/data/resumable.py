@@ -11,6 +11,16 @@ starts the same epoch's order past the batches already trained on, without loadi
 :class:`EpochSampler` can also group samples of similar length into the same batches (as Hugging Face's
 ``group_by_length`` does): padding to the longest row then costs little, which matters for the LLM
 recommender, whose prompts grow with the history.
+
+Under DDP (``--trainer.devices N --trainer.strategy ddp``) the sampler shards the epoch's order itself: batch
+``j`` of the order goes to rank ``j % world`` (length-grouped batches stay whole) and the leftover tail is
+split evenly, so every rank yields the same number of batches (a rank with one batch more would wait
+forever in the gradient all-reduce of a step the others never take). It is a
+:class:`~torch.utils.data.DistributedSampler`, which is what makes Lightning leave the loader alone: for any
+other sampler Lightning rebuilds the loader around its own ``DistributedSampler``, which neither knows the
+epoch's order nor can be resumed (and which a DataLoader subclass like :class:`ResumableDataLoader` cannot
+be re-created with). :func:`eval_sampler` gives the validation, test and prediction loaders the matching
+unpadded shard.
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 CHUNK_BATCHES = 50
 """Batches per mega-chunk when grouping by length: large enough that a chunk holds many lengths to sort,
@@ -31,8 +43,26 @@ def _epoch_seed(seed: int, epoch: int) -> np.random.SeedSequence:
     return np.random.SeedSequence([seed, epoch])
 
 
-class EpochSampler(Sampler[int]):
-    """Sample indices in an order that depends only on ``(seed, epoch)``.
+def world() -> tuple[int, int]:
+    """``(num_replicas, rank)`` of the initialised default process group, ``(1, 0)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def eval_sampler(size: int) -> DistributedSampler | None:
+    """The sampler of a validation, test or prediction loader: None (sequential) in a single process, under
+    DDP this rank's unpadded shard (Lightning's ``UnrepeatedDistributedSampler``: ranks may get one sample
+    more or less, none twice), so that sum-reduced metrics (:class:`mmrec.evaluation.metrics.RankingMetrics`)
+    count every user exactly once. Evaluation steps hold no collective, so unequal batch counts are safe."""
+    replicas, rank = world()
+    if replicas == 1:
+        return None
+    return UnrepeatedDistributedSampler(range(size), num_replicas=replicas, rank=rank, shuffle=False)
+
+
+class EpochSampler(DistributedSampler):
+    """Sample indices in an order that depends only on ``(seed, epoch)``; under DDP, this rank's share of it.
 
     Lightning calls :meth:`set_epoch` before every training epoch. The order is a permutation of
     ``range(size)``; with ``lengths`` it is arranged so that consecutive runs of ``batch_size`` indices
@@ -42,39 +72,57 @@ class EpochSampler(Sampler[int]):
     not a multiple of ``batch_size``, comes last, so that every batch before it is full and skipping ``k``
     batches is skipping ``k * batch_size`` indices.
 
+    With ``num_replicas`` ranks the order is cut into batches of ``batch_size`` and shared out at the batch
+    level: of the first ``num_replicas * (full_batches // num_replicas)`` full batches, batch ``j`` goes to rank
+    ``j % num_replicas``. The leftover (the remaining full batches and the short one) is split into
+    ``num_replicas`` equal contiguous parts, one more batch per rank; when it does not divide evenly, its first
+    samples are repeated, as few as needed (fewer than ``num_replicas``; as torch's ``DistributedSampler`` pads).
+    Every rank thus yields the same number of samples, hence of batches, every batch but its last is full,
+    the ranks' shares are disjoint apart from those few repeats, and together they cover the epoch. With one
+    replica this is the whole order, unchanged. The loader must cut batches of ``batch_size`` for the shares
+    to be whole batches (equal counts hold whatever it cuts).
+
+    It subclasses :class:`~torch.utils.data.DistributedSampler` so that Lightning does not replace it (see
+    the module docstring); of that class it keeps only ``num_replicas``, ``rank``, ``seed`` and ``epoch``.
+
     Args:
         size: number of samples.
         seed: seed of the order; epoch ``e`` uses ``SeedSequence([seed, e])``.
-        batch_size: the loader's batch size (used only to group by length).
+        batch_size: the loader's batch size (the unit of grouping by length and of sharding).
         lengths: per-sample length to group by, or None for a plain shuffle.
         chunk_batches: batches per mega-chunk when grouping.
+        num_replicas: number of ranks; None: the initialised process group's world size, or 1.
+        rank: this rank; None: the process group's rank, or 0.
     """
 
     def __init__(
         self, size: int, seed: int, batch_size: int = 1, lengths: Sequence[int] | np.ndarray | None = None,
-        chunk_batches: int = CHUNK_BATCHES,
+        chunk_batches: int = CHUNK_BATCHES, num_replicas: int | None = None, rank: int | None = None,
     ) -> None:
         if batch_size < 1 or chunk_batches < 1:
             raise ValueError(f"batch_size and chunk_batches must be at least 1, got {batch_size} and {chunk_batches}")
         if lengths is not None and len(lengths) != size:
             raise ValueError(f"{len(lengths)} lengths for {size} samples")
+        replicas, own_rank = world()
+        super().__init__(
+            range(size), num_replicas=replicas if num_replicas is None else num_replicas,
+            rank=own_rank if rank is None else rank, shuffle=True, seed=int(seed),
+        )
         self.size = size
-        self.seed = int(seed)
         self.batch_size = batch_size
         self.lengths = None if lengths is None else np.asarray(lengths)
         self.chunk_batches = chunk_batches
-        self.epoch = 0
         self._start = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def skip_next(self, count: int) -> None:
-        """Let the next iteration start ``count`` indices into the epoch's order (once)."""
+        """Let the next iteration start ``count`` indices into this rank's share of the epoch (once)."""
         self._start = int(count)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The whole order of ``epoch``, an ``int64`` permutation of ``range(size)``."""
+        """The whole order of ``epoch`` (all ranks), an ``int64`` permutation of ``range(size)``."""
         rng = np.random.default_rng(_epoch_seed(self.seed, epoch))
         order = rng.permutation(self.size)
         if self.lengths is None:
@@ -90,19 +138,39 @@ class EpochSampler(Sampler[int]):
         full = [full[i] for i in rng.permutation(len(full))]
         return np.concatenate(full + short) if batches else order
 
+    def shard(self, epoch: int) -> np.ndarray:
+        """This rank's share of ``order(epoch)`` (the whole order with one replica)."""
+        order = self.order(epoch)
+        if self.num_replicas == 1:
+            return order
+        replicas, size = self.num_replicas, self.batch_size
+        rounds = self.size // size // replicas  # batches each rank gets before the leftover
+        dealt = order[:rounds * replicas * size].reshape(rounds, replicas, size)[:, self.rank].reshape(-1)
+        leftover = order[rounds * replicas * size:]
+        if len(leftover) == 0:
+            return dealt
+        part = -(-len(leftover) // replicas)
+        leftover = np.concatenate([leftover, leftover[:part * replicas - len(leftover)]])
+        return np.concatenate([dealt, leftover[self.rank * part:(self.rank + 1) * part]])
+
     def __iter__(self) -> Iterator[int]:
         start, self._start = self._start, 0
-        yield from self.order(self.epoch)[start:].tolist()
+        yield from self.shard(self.epoch)[start:].tolist()
 
     def __len__(self) -> int:
-        return self.size
+        """Samples this rank yields in an epoch (equal on every rank)."""
+        replicas, size = self.num_replicas, self.batch_size
+        rounds = self.size // size // replicas
+        return rounds * size + -(-(self.size - rounds * replicas * size) // replicas)
 
 
 class ResumableDataLoader(DataLoader):
     """A training DataLoader over an :class:`EpochSampler` whose position survives a checkpoint.
 
     ``state_dict()`` is ``{"epoch", "batches"}``: the epoch of the latest iteration and how many batches it
-    has yielded (counted here, after any worker prefetching, so the count is what training consumed).
+    has yielded (counted here, after any worker prefetching, so the count is what training consumed). Under
+    DDP that is this rank's count, the same on every rank, so rank 0's state, which the checkpoint holds,
+    is every rank's position.
     ``load_state_dict()`` makes the next iteration of that same epoch skip those batches; an iteration of
     another epoch (a checkpoint taken at an epoch's end, resumed into the next) starts from the beginning.
     The loader's own generator is reseeded from ``(seed, epoch)`` at every iteration: creating an iterator

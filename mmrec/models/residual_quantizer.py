@@ -20,6 +20,7 @@ Why each piece is here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +143,8 @@ class ResidualQuantizer(nn.Module):
         self.sinkhorn_last_level = sinkhorn_last_level
         self.sinkhorn_epsilon = sinkhorn_epsilon
         self.sinkhorn_iters = sinkhorn_iters
+        self.balance_codes: Callable[[Tensor, float, int], Tensor] = sinkhorn_codes
+        """The balanced assignment; the MM-RQ-VAE swaps in a compiled ``sinkhorn_codes`` (``model.compile``)."""
         self.codebook = nn.Parameter(torch.zeros(num_levels, codebook_size, code_dim))
         self.register_buffer("initialised", torch.tensor(False))
         self.register_buffer("usage", torch.zeros(num_levels, codebook_size), persistent=False)
@@ -175,7 +178,7 @@ class ResidualQuantizer(nn.Module):
             last = level == self.num_levels - 1
             nearest = distances.argmin(1)
             if balance and last and self.sinkhorn_last_level and len(z) > 1:
-                index = sinkhorn_codes(distances, self.sinkhorn_epsilon, self.sinkhorn_iters)
+                index = self.balance_codes(distances, self.sinkhorn_epsilon, self.sinkhorn_iters)
             else:
                 index = nearest
             chosen = book[index]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -54,6 +55,13 @@ class FitCollabCLI(StageCLI):
             self.config.model_checkpoint.dirpath = str(self.checkpoint_dir)
 
 
+def peak_gpu_memory_gib(device: torch.device) -> float | None:
+    """The process's peak allocated GPU memory on ``device`` (GiB), None off a GPU: what a benchmark reports."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
 def main(argv: list[str]) -> None:
     cli = FitCollabCLI(STAGE, SASRec, SequenceDataModule, argv, description="Train SASRec and export its item embeddings as the collab modality.")
     trainer, data = cli.trainer, cli.datamodule
@@ -71,6 +79,7 @@ def main(argv: list[str]) -> None:
     manifest.extra = {
         **cli.fit_summary(best_val, resumed_from, fit_seconds),
         "stopped_early": bool(trainer.early_stopping_callback and trainer.early_stopping_callback.stopped_epoch),
+        "peak_gpu_memory_gib": peak_gpu_memory_gib(trainer.strategy.root_device),
     }
     with stage_output(cli.run_dir, STAGE, manifest) as out:
         for name, path in export(model, out).items():

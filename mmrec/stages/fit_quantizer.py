@@ -22,6 +22,7 @@ from mmrec.artifacts import stage_output, work_dir
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.data.datamodules import ItemFeatureDataModule
 from mmrec.models.mm_rqvae import MMRQVAE
+from mmrec.stages.fit_collab import peak_gpu_memory_gib
 from mmrec.stages.lightning_cli import StageCLI
 
 STAGE = "fit-quantizer"
@@ -68,6 +69,7 @@ def main(argv: list[str]) -> None:
         "epochs": cli.trainer.current_epoch,
         "steps": cli.trainer.global_step,
         "device": str(cli.trainer.strategy.root_device),
+        "peak_gpu_memory_gib": peak_gpu_memory_gib(cli.trainer.strategy.root_device),
         "resumed_from": resumed_from,
     }
     with stage_output(cli.run_dir, STAGE, manifest) as out:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import importlib
 
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
+from lightning.pytorch.strategies import FSDPStrategy
 
 from mmrec.artifacts import stage_output
 from mmrec.data.datamodules import SequenceDataModule
@@ -32,7 +32,13 @@ DEFAULT_HEAD = f"{LLMRecommender.__module__}.{LLMRecommender.__qualname__}"
 
 
 class FitRecommenderCLI(StageCLI):
-    """StageCLI plus the links the recommender needs and a configurable checkpoint callback."""
+    """StageCLI plus the links the recommender needs and a configurable checkpoint callback.
+
+    The LLM heads also train under FSDP (``configs/strategies/fit-recommender-fsdp.yaml``): the best
+    checkpoint is loaded by the strategy and the export is written from its full state dict.
+    """
+
+    strategies = StageCLI.strategies + (FSDPStrategy,)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
@@ -67,10 +73,11 @@ def main(argv: list[str]) -> None:
     trainer, data, model = cli.trainer, cli.datamodule, cli.model
     resumed_from, fit_seconds = cli.fit()
 
-    best = cli.best_checkpoint
-    if best:
-        model.load_trained(torch.load(best, map_location=model.device, weights_only=True)["state_dict"], best)
-    best_val = trainer.validate(model, datamodule=data, verbose=False)[0]
+    # The strategy loads the best checkpoint into the model however it holds it (one device, DDP replicas,
+    # FSDP shards), and hands back the full state dict that the export is written from (all ranks take part).
+    best = cli.best_checkpoint or None
+    best_val = trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)[0]
+    trained = trainer.strategy.lightning_module_state_dict()
     if not trainer.is_global_zero:
         return
 
@@ -83,7 +90,7 @@ def main(argv: list[str]) -> None:
     throughput = meter.summary()
     manifest.extra = {**cli.fit_summary(best_val, resumed_from, fit_seconds), **throughput}
     with stage_output(cli.run_dir, model.export_folder, manifest) as out:
-        for name, path in model.export(out).items():
+        for name, path in model.export(out, trained).items():
             manifest.add_output(name, path)
     print(
         f"{STAGE} ({model.head} head): best {MONITOR} = {best_val.get(MONITOR, float('nan')):.4f} after {trainer.current_epoch} epochs "

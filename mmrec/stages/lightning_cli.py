@@ -9,19 +9,31 @@ metrics of an uninterrupted run (same seed, CPU). ``last.ckpt`` is written every
 ``--checkpoint_every_n_steps`` training steps as well as after each validation, and every checkpoint holds
 the random streams (:class:`mmrec.stages.resume.RNGState`) and the training loader's position in its epoch
 (:mod:`mmrec.data.resumable`).
+
+Multi-process training: a stage runs on one device or under Lightning's ``ddp`` strategy
+(``--trainer.devices N --trainer.strategy ddp``, ``--trainer.num_nodes`` under torchrun or SLURM). The
+data modules shard their own loaders (:mod:`mmrec.data.resumable`), every rank's random streams are
+checkpointed, and only rank 0 exports. A stage may accept more (``fit-recommender`` also trains under FSDP,
+see :attr:`StageCLI.strategies`). Other strategies are refused before any work starts, as are Trainer
+settings that Lightning rejects, with the stage's one-line error: spawned or forked workers
+(``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) would train in other processes than the one that exports,
+and other sharded strategies (DeepSpeed) checkpoint and export in ways the stages do not read.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
 from mmrec.artifacts import Manifest, work_dir
 from mmrec.errors import InputError
@@ -33,10 +45,17 @@ DEFAULT_CHECKPOINT_EVERY_N_STEPS = 500
 # `mmrec` passes the stage's own arguments through `args=`; LightningCLI warns whenever sys.argv is not
 # empty too, which under the dispatcher it always is.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+# validation metrics are torchmetrics whose compute() already reduces over ranks; Lightning cannot tell and
+# recommends sync_dist for every epoch-level value logged under DDP
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
 
 
 class StageCLI(LightningCLI):
     """LightningCLI (``run=False``) for one mmrec training stage."""
+
+    strategies: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStrategy)
+    """Strategy classes this stage runs under (exact types: DeepSpeed's strategy subclasses DDP's); a stage
+    that supports another adds it here."""
 
     def __init__(
         self,
@@ -94,6 +113,30 @@ class StageCLI(LightningCLI):
             **self.trainer_defaults,
             "callbacks": [*(defaults if isinstance(defaults, list) else [defaults]), *resume_callbacks],
         }
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The Trainer, or the stage's one-line error for a setting Lightning rejects or the stage cannot run
+        (see the module docstring)."""
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError, ImportError, RuntimeError) as exc:
+            raise InputError(f"trainer: {exc}") from None
+        strategy = trainer.strategy
+        if type(strategy) is DDPStrategy and strategy._start_method != "popen":
+            raise InputError(
+                f"trainer.strategy: start method {strategy._start_method!r} is not supported; use "
+                "--trainer.strategy ddp (or launch with torchrun)"
+            )
+        if type(strategy) not in self.strategies:
+            raise InputError(
+                f"trainer.strategy: {type(strategy).__name__} is not supported; mmrec {self.stage} trains with "
+                + ", ".join(cls.__name__ for cls in self.strategies)
+            )
+        if trainer.accelerator.__class__.__name__ == "CPUAccelerator":
+            cores = len(os.sched_getaffinity(0))
+            if trainer.num_devices > cores:
+                raise InputError(f"trainer.devices: {trainer.num_devices} CPU processes requested, this machine has {cores} cores")
+        return trainer
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()

@@ -3,9 +3,9 @@
 Lightning's checkpoint already holds the weights, the optimizer and scheduler states, the loop counters and
 (see :mod:`mmrec.data.resumable`) the training loader's position. What is missing:
 
-* :class:`RNGState` saves the random streams (torch, CUDA, NumPy, Python) so that dropout, negative
-  sampling and the quantizer's re-seeding draw after a resume what they would have drawn without the
-  interruption;
+* :class:`RNGState` saves the random streams (torch, CUDA, NumPy, Python; under DDP every rank's) so that
+  dropout, negative sampling and the quantizer's re-seeding draw after a resume what they would have drawn
+  without the interruption;
 * :class:`MidEpochCheckpoint` writes ``last.ckpt`` every ``n`` training steps, so that a kill loses at most
   ``n`` steps instead of the whole epoch (the stages' own checkpoints are written after validation only);
 * :class:`LoaderPosition` hands the saved loader position to the loader when Lightning itself does not
@@ -27,8 +27,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from mmrec.data.resumable import world
+from mmrec.errors import InputError
 
 PARTIAL_SUFFIX = ".partial"
 """Suffix of a checkpoint being written; such a file is left only by a kill during the write."""
@@ -71,16 +75,34 @@ class RNGState(Callback):
     checkpoint taken at an epoch's end, before the next ``on_train_epoch_start``) that both runs reach in
     the same state. Callbacks run before the LightningModule's hook of the same name, so the module's
     ``on_train_start`` already sees the restored streams.
+
+    Under DDP each rank has its own streams (dropout masks differ between ranks), but Lightning saves only
+    rank 0's checkpoint. ``state_dict`` runs on every rank while the checkpoint is assembled, so there it
+    gathers all ranks' streams (``{"ranks": [rank 0's, rank 1's, ...]}``) and each rank restores its own; a
+    single process saves its streams as they are. Resuming on another number of processes is refused: the
+    loader position (batches per rank) would not mean the same either.
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return rng_state()
+        replicas, _ = world()
+        if replicas == 1:
+            return rng_state()
+        ranks: list[Any] = [None] * replicas
+        dist.all_gather_object(ranks, rng_state())
+        return {"ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._pending = state_dict
+        replicas, rank = world()
+        saved = len(state_dict["ranks"]) if "ranks" in state_dict else 1
+        if saved != replicas:
+            raise InputError(
+                f"the checkpoint was written by {saved} training process(es), this run has {replicas}: resume with "
+                "the same --trainer.devices and --trainer.num_nodes"
+            )
+        self._pending = state_dict["ranks"][rank] if replicas > 1 else state_dict
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._pending is not None:

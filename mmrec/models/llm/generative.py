@@ -20,12 +20,11 @@ histories and can never be recommended.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from mmrec.artifacts import stage_dir
 from mmrec.evaluation.metrics import DEFAULT_K, list_ranks
@@ -108,7 +107,7 @@ class GenerativeRecommender(LLMRecommenderBase):
         original = embedding.detach()[: int(token_ids.min())]  # the backbone's own tokens set the scale
         rows, _, _ = initial_token_embeddings(self.vocab, codebooks, original, code_init)
         with torch.no_grad():
-            embedding[token_ids] = rows.to(embedding.dtype)
+            embedding[token_ids.to(embedding.device)] = rows.to(embedding.device, embedding.dtype)
         self._attach_backbone(model, tokenizer, lora, prompt, trainable_tokens=token_ids.tolist())
         self.register_buffer("sid_token_ids", token_ids, persistent=False)
         self.register_buffer("item_codes", self.vocab.codes, persistent=False)
@@ -119,6 +118,8 @@ class GenerativeRecommender(LLMRecommenderBase):
         self.register_buffer("prefix_ids", torch.tensor(self.prompt_ids[0], dtype=torch.long), persistent=False)
         self.register_buffer("suffix_ids", torch.tensor(self.prompt_ids[1], dtype=torch.long), persistent=False)
         self.trie = SIDTrie(self.vocab.codes, self.vocab.level_sizes)
+        # any item with an SID: the stand-in target of samples whose own target has none (weighted out)
+        self.writable_item = int(torch.nonzero((self.vocab.codes >= 0).all(dim=1))[0, 0])
 
     def _item_token_table(self, tokenizer: PreTrainedTokenizerBase, token_ids: Tensor, titles: list[str] | None) -> Tensor:
         """``[N, W]`` the tokens each history item contributes (its SID, its title, a separator); -1 pads."""
@@ -161,16 +162,15 @@ class GenerativeRecommender(LLMRecommenderBase):
         with torch.autocast(device_type=hidden.device.type, enabled=False):  # 256-way softmax in float32
             return torch.log_softmax(hidden.float() @ weights.float().T, dim=-1)
 
-    def _hidden(self, ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> BaseModelOutputWithPast:
-        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
-        return self.decoder()(input_ids=ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
-
     def sid_logprobs(self, history: Tensor, mask: Tensor, target: Tensor) -> Tensor:
         """``[B, L]`` log-prob of each of ``target``'s SID tokens, teacher-forced (the training objective;
         summed over levels, the exact score of ``target``)."""
         levels = self.vocab.num_levels
-        ids, attention_mask, lengths = self._sequences(history, mask, target)
-        hidden = self._hidden(ids, attention_mask, use_cache=False).last_hidden_state
+        ids, _, lengths = self._sequences(history, mask, target)
+        # Right padding and causal attention: no mask needed (see mmrec.models.llm.prompt), so SDPA runs its
+        # causal kernel; compiled in training when backbone.compile is set.
+        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        hidden = self.run_decoder(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state
         rows = torch.arange(len(ids), device=ids.device)
         codes = self.item_codes[target]
         out = []
@@ -178,6 +178,11 @@ class GenerativeRecommender(LLMRecommenderBase):
             state = hidden[rows, lengths - levels - 1 + level]  # the token before the level's token predicts it
             out.append(self.level_logprobs(state, level).gather(1, codes[:, level:level + 1]).squeeze(1))
         return torch.stack(out, dim=1)
+
+    def _head_rate(self, name: str) -> bool:
+        """Under ``finetune: full`` the SID token rows are rows of the trained input embedding, which then
+        trains at ``lr`` as the rows do under LoRA (they start far from where the backbone's tokens are)."""
+        return super()._head_rate(name) or (self.full_finetune and name.endswith("embed_tokens.weight"))
 
     # ---- decoding ----------------------------------------------------------------------------------
 
@@ -189,28 +194,46 @@ class GenerativeRecommender(LLMRecommenderBase):
         return items[:, :k], scores[:, :k]
 
     def decode(self, history: Tensor, mask: Tensor, num_beams: int) -> tuple[Tensor, Tensor]:
-        """Constrained beam search: ``(items [B, num_beams], log-prob scores [B, num_beams])``, best first."""
+        """Constrained beam search: ``(items [B, num_beams], log-prob scores [B, num_beams])``, best first.
+
+        Tree attention: the prompt's cache keeps one row per user and is never copied per beam (gathering it
+        to ``B x num_beams`` rows at every level moved tens of GB per batch). At each level the codes just
+        chosen are appended to their user's row as ``num_beams`` new slots; a 4D mask lets each new token see
+        its user's real prompt tokens (not the padding), the slots of its own ancestors and itself, and its
+        position id is its SID level's in the training layout (prompt length + depth - 1): RoPE reads only
+        position ids, so each beam's hidden state is the one its own sequence would give.
+        """
+        attention = self.base_model().config._attn_implementation
+        if attention not in ("sdpa", "eager"):
+            from mmrec.errors import InputError
+
+            raise InputError(f"generative decoding needs a 4D attention mask: use backbone.attn_implementation sdpa, not {attention}")
         ids, attention_mask, lengths = self._sequences(history, mask)
-        out = self._hidden(ids, attention_mask, use_cache=True)
+        batch, device = len(ids), ids.device
+        # Right padding and causal attention: the prompt pass needs no mask (SDPA's causal kernel), and the
+        # beams' mask below hides the padding's slots.
+        positions = torch.arange(ids.shape[1], device=device).expand(batch, -1)
+        out = self.decoder()(input_ids=ids, position_ids=positions, use_cache=True)
         cache = out.past_key_values
-        batch = len(ids)
-        first = out.last_hidden_state[torch.arange(batch, device=ids.device), lengths - 1]
-        state = {"mask": attention_mask, "lengths": lengths}
+        first = out.last_hidden_state[torch.arange(batch, device=device), lengths - 1]
+        prompt = attention_mask.bool().unsqueeze(1)  # [B, 1, T]: what every beam of a user sees of the prompt
+        own = torch.eye(num_beams, dtype=torch.bool, device=device).expand(batch, -1, -1)
+        state = {"ancestors": own[:, :, :0]}  # [B, beams, slots after the prompt]: each beam's own path
 
         def step(depth: int, origin: Tensor | None, codes: Tensor | None) -> Tensor:
             if origin is None:
                 return self.level_logprobs(first, 0).unsqueeze(1)
-            beams_before = state["mask"].shape[0] // batch
-            flat = (torch.arange(batch, device=origin.device).unsqueeze(1) * beams_before + origin).flatten()
-            cache.reorder_cache(flat)
-            state["mask"] = torch.cat([state["mask"][flat], state["mask"].new_ones(len(flat), 1)], dim=1)
-            state["lengths"] = state["lengths"][flat]
-            tokens = self.sid_token_ids[self.level_starts[depth - 1] + codes.flatten()].unsqueeze(1)
-            positions = (state["lengths"] + depth - 1).unsqueeze(1)
+            before = state["ancestors"]
+            state["ancestors"] = torch.cat([before.gather(1, origin.unsqueeze(-1).expand(-1, -1, before.shape[2])), own], dim=2)
+            visible = torch.cat([prompt.expand(-1, num_beams, -1), state["ancestors"]], dim=2).unsqueeze(1)
+            if attention == "eager":  # eager attention adds the mask to its logits
+                visible = torch.zeros(visible.shape, device=device).masked_fill(~visible, torch.finfo(torch.float32).min)
+            tokens = self.sid_token_ids[self.level_starts[depth - 1] + codes]
+            positions = (lengths + depth - 1).unsqueeze(1).expand(-1, num_beams)
             hidden = self.decoder()(
-                input_ids=tokens, attention_mask=state["mask"], position_ids=positions, past_key_values=cache, use_cache=True,
-            ).last_hidden_state[:, -1]
-            return self.level_logprobs(hidden, depth).view(batch, origin.shape[1], -1)
+                input_ids=tokens, attention_mask=visible, position_ids=positions, past_key_values=cache, use_cache=True,
+            ).last_hidden_state
+            return self.level_logprobs(hidden, depth)
 
         return constrained_beam_search(step, self.trie, batch, num_beams, ids.device)
 
@@ -224,9 +247,12 @@ class GenerativeRecommender(LLMRecommenderBase):
     # ---- Lightning ---------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        keep = (self.item_codes[batch["target"]] >= 0).all(dim=1)  # a target without an SID cannot be written
-        history, mask, target = batch["history"][keep], batch["mask"][keep], batch["target"][keep]
-        loss = -self.sid_logprobs(history, mask, target).mean()
+        # A target without an SID cannot be written: weighted out of the loss rather than dropped from the
+        # batch, since boolean indexing would wait for the GPU (a host sync) at every step.
+        target = batch["target"]
+        keep = (self.item_codes[target] >= 0).all(dim=1)
+        logprobs = self.sid_logprobs(batch["history"], batch["mask"], torch.where(keep, target, self.writable_item))
+        loss = -(logprobs.mean(dim=1) * keep).sum() / keep.sum().clamp(min=1)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(target))
         return loss
 

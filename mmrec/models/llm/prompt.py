@@ -5,12 +5,11 @@ Layout of one user's sequence (``inputs_embeds``)::
     [template + system + instruction tokens] [item 1] ... [item n] [question + assistant header tokens]
 
 The token parts are tokenised once; the suffix may be empty (the recommender's ``readout: item`` reads the
-user state at the items themselves, so nothing after the last item is ever read). A batch is right-padded (padding after each user's last token), the
-attention mask hides the padding, and the user state is read at each row's last real token. Right, not
-left, padding: a left pad has no earlier real token to attend to, and CUDA's memory-efficient attention
-returns NaN for such a fully masked row, which then reaches every real token through the values. Here the
-first token of every row is real, so no row is fully masked, and causal attention never lets a real token
-see the padding that follows it: each user's hidden states are those of a batch of one.
+user state at the items themselves, so nothing after the last item is ever read). A batch is right-padded
+(padding after each user's last token) and the user state is read at each row's last real token. Right,
+not left, padding: causal attention never lets a real token see the padding that follows it, so no
+attention mask is needed at all: each user's hidden states are those of a batch of one, and the backbone
+runs SDPA's causal kernel (flash attention on a GPU) instead of materialising a padding mask.
 """
 
 from __future__ import annotations
@@ -66,7 +65,7 @@ def padding_last(valid: Tensor) -> Tensor:
 
 
 class PromptSplicer(nn.Module):
-    """Builds ``inputs_embeds``, ``attention_mask`` and ``position_ids`` for a batch of histories."""
+    """Builds ``inputs_embeds`` and ``position_ids`` for a batch of histories."""
 
     def __init__(self, prefix_ids: list[int], suffix_ids: list[int]) -> None:
         super().__init__()
@@ -77,12 +76,12 @@ class PromptSplicer(nn.Module):
     def num_text_tokens(self) -> int:
         return len(self.prefix_ids) + len(self.suffix_ids)
 
-    def forward(self, embed: nn.Module, items: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, embed: nn.Module, items: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``items [B, L, H]`` (one vector per history item), ``mask [B, L]`` (True on real items).
 
-        Returns ``inputs_embeds [B, T, H]``, ``attention_mask [B, T]``, ``position_ids [B, T]`` and
-        ``last [B]`` (index of each row's final real token), with ``T = prefix + L + suffix`` and all
-        padding moved to the right of each row.
+        Returns ``inputs_embeds [B, T, H]``, ``position_ids [B, T]`` and ``last [B]`` (index of each row's
+        final real token), with ``T = prefix + L + suffix`` and all padding (zero vectors) moved to the
+        right of each row.
         """
         batch = items.shape[0]
         prefix = embed(self.prefix_ids).to(items.dtype).expand(batch, -1, -1)
@@ -93,10 +92,8 @@ class PromptSplicer(nn.Module):
         valid = valid.gather(1, order)
         sequence = sequence.gather(1, order.unsqueeze(-1).expand(-1, -1, sequence.shape[-1]))
         sequence = sequence * valid.unsqueeze(-1).to(sequence.dtype)
-        attention_mask = valid.long()
-        lengths = attention_mask.sum(dim=1)
         position_ids = torch.arange(valid.shape[1], device=valid.device).expand(batch, -1)
-        return sequence, attention_mask, position_ids, lengths - 1
+        return sequence, position_ids, valid.sum(dim=1) - 1
 
     def item_positions(self, mask: Tensor) -> Tensor:
         """``[B, L]`` index of each history item in the spliced sequence (0 where ``mask`` is False).

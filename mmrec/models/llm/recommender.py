@@ -156,8 +156,10 @@ class LLMRecommender(LLMRecommenderBase):
         """Last hidden states ``[B, T, H]`` of the spliced prompts and each row's last real index ``[B]``."""
         embed = self.lm.get_input_embeddings()
         vectors = self.item_encoder(history).to(embed.weight.dtype)
-        inputs_embeds, attention_mask, position_ids, last = self.prompt(embed, vectors, mask)
-        out = self.decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        inputs_embeds, position_ids, last = self.prompt(embed, vectors, mask)
+        # No attention mask: padding sits right of every row's real tokens, so causal attention alone keeps it
+        # out of every state that is read, and the backbone runs SDPA's causal (flash) kernel with no mask.
+        out = self.run_decoder(inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=False)
         return out.last_hidden_state, last
 
     def forward(self, history: Tensor, mask: Tensor) -> Tensor:

@@ -27,7 +27,8 @@ StepFn = Callable[[int, Tensor | None, Tensor | None], Tensor]
 
 ``origin [B, beams]`` is, for each new beam, the index of the beam it extends among the previous step's
 beams, and ``codes [B, beams]`` the code it appended (both None at depth 0, where each user has one beam:
-the prompt). The model reorders its cache by ``origin`` and reads ``codes`` as the next input tokens."""
+the prompt). The model reads ``codes`` as the next input tokens, each continuing the sequence of the beam
+``origin`` names (the generative head keeps one cache row per user and tracks each beam's ancestors)."""
 
 
 class SIDTrie(nn.Module):

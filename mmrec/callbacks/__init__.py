@@ -1,0 +1,1 @@
+"""Lightning callbacks that any training stage can take (``--trainer.callbacks+ ...``)."""

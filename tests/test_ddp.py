@@ -1,0 +1,225 @@
+"""Training stages under Lightning DDP (2 CPU processes, gloo).
+
+* the resumable sampler's sharding: disjoint, complete, equal batch counts per rank, deterministic, resumable;
+* fit-collab, fit-quantizer and fit-recommender (both heads), chained in one run directory under
+  ``--trainer.devices 2 --trainer.strategy ddp``, publish the same files (names, Parquet schemas, row counts,
+  manifests) as single-process runs, end with identical weights on both ranks, and ``mmrec test`` evaluates
+  what they publish;
+* fit-collab killed mid-epoch under DDP and resumed ends exactly where the uninterrupted DDP run ended;
+* a strategy the stages cannot run is one error line and exit code 2.
+
+DDP runs are subprocesses: Lightning's launcher starts the other rank by re-running the command line, which
+under pytest would be pytest itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mmrec.artifacts import Manifest
+from mmrec.cli import main as mmrec
+from mmrec.data.resumable import EpochSampler
+from tests.fixtures import make_prepared_run, write_modality
+from tests.test_llm_support import single_thread, write_sids  # noqa: F401 (fixture)
+from tests.test_resume_kill import Case, assert_mid_epoch, assert_same_result, evaluate
+
+ROOT = Path(__file__).parent.parent
+CONF = Path(__file__).parent / "conf"
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+TIMEOUT_S = 180
+
+# fit-collab on 2 ranks: 60 sequences in batches of 8 are 3 full batches each plus 6 of the 12 left over,
+# 4 steps an epoch, 3 epochs; last.ckpt every 3 steps, killed at step 7, so it resumes from step 6: epoch 1
+# after 2 of its 4 batches.
+COLLAB = Case(
+    "fit-collab",
+    ["--config", str(CONF / "fit-collab.yaml"), "--trainer.max_steps", "-1", "--trainer.max_epochs", "3",
+     "--data.batch_size", "8", "--checkpoint_every_n_steps", "3", *DDP],
+    checkpoint_step=6, pause_step=7,
+    weights=["sasrec.safetensors", "emb_collab.parquet"], extra=["best_val", "epochs", "global_steps", "stopped_early"],
+    test_model="sasrec",
+)
+STAGES = {  # the chain after fit-collab: stage folder -> (command, config)
+    "fit-quantizer": ("fit-quantizer", "fit-quantizer.yaml"),
+    "fit-recommender": ("fit-recommender", "fit-recommender.yaml"),
+    "fit-recommender-generative": ("fit-recommender", "fit-recommender-generative.yaml"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- sharding
+def shards(size: int, batch_size: int, replicas: int, epoch: int = 0, lengths=None) -> list[list[int]]:
+    out = []
+    for rank in range(replicas):
+        sampler = EpochSampler(size, 7, batch_size, lengths, chunk_batches=2, num_replicas=replicas, rank=rank)
+        sampler.set_epoch(epoch)
+        assert len(sampler) == len(list(sampler))
+        out.append(list(sampler))
+    return out
+
+
+@pytest.mark.parametrize(("size", "batch_size", "replicas"), [(60, 8, 2), (61, 8, 3), (64, 8, 4), (5, 4, 4), (2, 8, 4)])
+@pytest.mark.parametrize("grouped", [False, True])
+def test_shards_are_disjoint_complete_and_equal(size: int, batch_size: int, replicas: int, grouped: bool) -> None:
+    lengths = np.random.default_rng(0).integers(1, 20, size) if grouped else None
+    parts = shards(size, batch_size, replicas, lengths=lengths)
+    assert len({len(part) for part in parts}) == 1  # equal sample counts, hence equal batch counts
+    everything = [index for part in parts for index in part]
+    assert sorted(set(everything)) == list(range(size))  # every sample, once ...
+    assert len(everything) - size < replicas  # ... apart from fewer than `replicas` repeats
+    whole = EpochSampler(size, 7, batch_size, lengths, chunk_batches=2, num_replicas=1, rank=0)
+    if lengths is not None:  # every dealt batch is a whole batch of the epoch's order (length groups intact)
+        batches = {tuple(whole.order(0)[i:i + batch_size]) for i in range(0, size, batch_size)}
+        for part in parts:
+            cut = [tuple(part[i:i + batch_size]) for i in range(0, len(part), batch_size)]
+            assert all(batch in batches for batch in cut[:-1])
+
+
+def test_shards_are_deterministic_and_change_with_the_epoch() -> None:
+    assert shards(60, 8, 2, epoch=3) == shards(60, 8, 2, epoch=3)
+    assert shards(60, 8, 2, epoch=3) != shards(60, 8, 2, epoch=4)
+
+
+def test_one_replica_is_the_whole_order() -> None:
+    sampler = EpochSampler(61, 7, 8, num_replicas=1, rank=0)
+    assert list(sampler) == sampler.order(0).tolist() and len(sampler) == 61
+
+
+def test_resume_skips_within_this_ranks_share() -> None:
+    sampler = EpochSampler(61, 7, 8, num_replicas=3, rank=1)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.skip_next(2 * 8)
+    assert list(sampler) == full[16:]
+    assert list(sampler) == full  # the skip applies once
+
+
+# -------------------------------------------------------------------------------------------- bad strategy
+@pytest.mark.parametrize("strategy", ["deepspeed", "no_such_strategy", "ddp_spawn"])
+def test_a_strategy_the_stages_cannot_run_is_one_line(strategy: str, tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["fit-collab", "--config", str(CONF / "fit-collab.yaml"), "--run_dir", str(tiny_run),
+            "--trainer.devices", "2", "--trainer.strategy", strategy]
+    assert mmrec(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mmrec fit-collab: error: trainer"), lines
+    assert "sasrec.safetensors" not in {p.name for p in (tiny_run / "fit-collab").iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------- DDP runs
+def command(stage: str, run: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mmrec.cli", stage, "--run_dir", str(run), *args]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run_ddp(stage: str, run: Path, *args: str) -> None:
+    done = subprocess.run(command(stage, run, *args), check=False, cwd=ROOT, env=environment(), capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def agree(path: Path) -> list[str]:
+    """A config adding :class:`tests.ddp_helpers.RanksAgree` (writing to ``path``)."""
+    config = path.with_suffix(".yaml")
+    config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.ddp_helpers.RanksAgree\n"
+        f"      init_args: {{path: {json.dumps(str(path))}}}\n"
+    )
+    return ["--config", str(config)]
+
+
+def make_run(path: Path) -> Path:
+    run = make_prepared_run(path)
+    write_modality(run, "fit-collab", "collab", np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32))
+    return run
+
+
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The same chain run once in this process and once under DDP: ``(single, ddp)`` run directories."""
+    base = tmp_path_factory.mktemp("ddp")
+    single, ddp = make_run(base / "single"), make_run(base / "ddp")
+    run_ddp("fit-collab", ddp, *COLLAB.args, *agree(base / "fit-collab.agree"))
+    assert mmrec(["fit-collab", "--run_dir", str(single), *COLLAB.args[:-len(DDP)]]) == 0
+    for run, distributed in ((single, False), (ddp, True)):
+        for folder, (stage, config) in STAGES.items():
+            if folder == "fit-recommender":
+                write_sids(run, suffix=True)  # unique SIDs, which the generative head needs
+            args = ["--config", str(CONF / config)]
+            if distributed:
+                run_ddp(stage, run, *args, *DDP, *agree(base / f"{folder}.agree"))
+            else:
+                assert mmrec([stage, "--run_dir", str(run), *args]) == 0
+    return single, ddp
+
+
+def schema_of(path: Path) -> object:
+    return pq.read_schema(path) if path.suffix == ".parquet" else None
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("folder", ["fit-collab", *STAGES])
+def test_ddp_publishes_what_a_single_process_run_does(folder: str, pipelines: tuple[Path, Path]) -> None:
+    single, ddp = pipelines
+    files = {path.relative_to(single / folder) for path in (single / folder).rglob("*") if path.is_file()}
+    assert {path.relative_to(ddp / folder) for path in (ddp / folder).rglob("*") if path.is_file()} == files
+    for name in files:
+        assert schema_of(ddp / folder / name) == schema_of(single / folder / name), name
+    expected, actual = Manifest.read(single / folder), Manifest.read(ddp / folder)
+    assert actual.outputs.keys() == expected.outputs.keys()
+    assert {k: v["rows"] for k, v in actual.outputs.items()} == {k: v["rows"] for k, v in expected.outputs.items()}
+    for name in actual.outputs:
+        actual.verify_output(ddp / folder, name)
+    assert actual.extra.keys() == expected.extra.keys()
+    if "world_size" in actual.extra:
+        assert (actual.extra["world_size"], expected.extra["world_size"]) == (2, 1)
+    digests = json.loads((ddp.parent / f"{folder}.agree").read_text())["digests"]
+    assert len(digests) == 2 and digests[0] == digests[1], "the ranks ended with different weights"
+
+
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize(("folder", "model"), [("fit-collab", "sasrec"), ("fit-recommender", "fusion"),
+                                               ("fit-recommender-generative", "generative")])
+def test_mmrec_test_evaluates_what_ddp_published(folder: str, model: str, pipelines: tuple[Path, Path]) -> None:
+    metrics = evaluate(pipelines[1], model)
+    assert 0 <= metrics["ndcg@10"] <= 1 and 0 <= metrics["recall@10"] <= 1
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_fit_collab_killed_under_ddp_resumes_to_the_same_result(pipelines: tuple[Path, Path], tmp_path: Path) -> None:
+    reference, killed = pipelines[1], make_run(tmp_path / "killed")
+    marker = tmp_path / "paused"
+    pause = tmp_path / "pause.yaml"
+    pause.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.resume_helpers.PauseAtStep\n"
+        f"      init_args: {{step: {COLLAB.pause_step}, marker: {json.dumps(str(marker))}}}\n"
+    )
+    log = tmp_path / "killed.log"
+    with open(log, "wb") as out:  # its own process group: the kill must reach the rank Lightning started too
+        process = subprocess.Popen(command(COLLAB.stage, killed, *COLLAB.args, "--config", str(pause)), cwd=ROOT,
+                                   env=environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + TIMEOUT_S
+        try:
+            while not marker.exists():
+                assert process.poll() is None, f"ended before step {COLLAB.pause_step}:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no pause within {TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
+                time.sleep(0.05)
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert int(marker.read_text()) == COLLAB.pause_step
+    assert not (killed / COLLAB.stage / "sasrec.safetensors").exists()
+    assert_mid_epoch(COLLAB, killed)
+    run_ddp(COLLAB.stage, killed, *COLLAB.args, "--resume", "true")
+    assert_same_result(COLLAB, reference, killed)
