@@ -31,7 +31,7 @@ from mmrec.models.llm.generative import GenerativeRecommender
 from mmrec.models.llm.prompt import PromptSpec
 from mmrec.models.llm.sid_trie import constrained_beam_search
 from tests.fixtures import make_prepared_run
-from tests.test_llm_support import write_sids
+from tests.llm_helpers import run_inputs, write_sids
 
 SHORT_PROMPT = PromptSpec(system=None, instruction="History:", question="Next?")
 """The byte-level tokenizer of ``tiny`` and shapes spends a token a byte: short texts keep the prompts near
@@ -124,7 +124,7 @@ def main() -> None:
         # initialisation cannot write into them.
         with mock.patch("torch.cuda.is_available", return_value=False):
             model = GenerativeRecommender(
-                num_items=args.num_items, run_dir=str(run_dir), max_len=args.max_len, sid_modality="text",
+                run_inputs(run_dir, GenerativeRecommender, sid_modality="text"), max_len=args.max_len, sid_modality="text",
                 backbone=BackboneSpec(name_or_path=args.backbone, dtype=args.dtype, finetune=args.finetune), prompt=SHORT_PROMPT,
             )
         model = model.to(device).eval()

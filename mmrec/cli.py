@@ -12,6 +12,7 @@ import sys
 
 from mmrec import __version__
 from mmrec.errors import MMRecError
+from mmrec.logs import quiet_third_party, verbose
 
 STAGES: dict[str, tuple[str, str]] = {
     "prepare": ("mmrec.stages.prepare", "turn raw logs and item content into canonical tables and item embeddings"),
@@ -20,6 +21,9 @@ STAGES: dict[str, tuple[str, str]] = {
     "assign-sids": ("mmrec.stages.assign_sids", "map every item to its semantic ID per modality; SID quality report"),
     "fit-recommender": ("mmrec.stages.fit_recommender", "fine-tune the LLM recommender (LoRA) on SIDs and embeddings"),
     "test": ("mmrec.stages.test", "evaluate a trained model: full-ranking Recall/NDCG@K and MRR"),
+    "pipeline": ("mmrec.stages.pipeline", "run the stages a pipeline YAML names, skipping those already up to date"),
+    "recommend": ("mmrec.stages.recommend", "top-K items for a user, an ad-hoc history or a file of users"),
+    "report": ("mmrec.stages.report", "one self-contained HTML report of a run: data, metrics, SIDs, curves"),
 }
 
 
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if stage not in STAGES:
         print(f"mmrec: error: unknown stage '{stage}'\n\n{usage()}", file=sys.stderr)
         return 2
+    if not verbose():
+        quiet_third_party()
     module = importlib.import_module(STAGES[stage][0])
     try:
         module.main(argv[1:])

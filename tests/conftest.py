@@ -1,12 +1,14 @@
-"""Shared pytest fixtures: tiny prepared run directories (see tests/fixtures.py)."""
+"""Shared pytest fixtures: tiny prepared run directories (see tests/fixtures.py) and a single-thread switch."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.fixtures import make_prepared_run, write_modality
 
@@ -20,3 +22,13 @@ def tiny_run(tmp_path: Path) -> Path:
     run = make_prepared_run(tmp_path / "run")
     write_modality(run, "fit-collab", "collab", np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32))
     return run
+
+
+@pytest.fixture
+def single_thread() -> Iterator[None]:
+    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's barriers make
+    them 10-100x slower; the tests that use this run single-threaded and restore the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

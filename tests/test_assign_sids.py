@@ -21,10 +21,9 @@ from mmrec.artifacts import Manifest, stage_output
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.artifacts.schemas import SIDS
 from mmrec.cli import main as mmrec_main
-from mmrec.data.prepared import load_modality
+from mmrec.data.prepared import load_modality, load_sids
 from mmrec.errors import InputError, LineageError
-from mmrec.models import sid_mapper
-from mmrec.models.sid_embedding import SIDEmbedding, load_sids
+from mmrec.models.sid_embedding import SIDEmbedding
 from mmrec.stages import assign_sids
 from tests.fixtures import make_prepared_run, write_modality
 
@@ -94,7 +93,7 @@ def coarse_books(run: Path, first: int = 4, second: int = 32) -> dict[str, list[
 
 @pytest.fixture
 def stand_in(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sid_mapper, "load_quantizer", StandInQuantizer.from_folder)
+    monkeypatch.setattr(assign_sids, "load_quantizer", StandInQuantizer.from_folder)
 
 
 def run_stage(run: Path, *args: str) -> Path:
@@ -179,7 +178,7 @@ def test_quantizer_of_another_catalogue_is_refused(tiny_run: Path, stand_in: Non
     write_modality(other, "fit-collab", "collab", np.ones((40, 8), dtype=np.float32))
     foreign = publish_quantizer(other, coarse_books(other))
     with pytest.raises(LineageError, match="different 'items'") as error:
-        run_stage(tiny_run, "--model.quantizer_dir", str(foreign))
+        run_stage(tiny_run, "--quantizer_dir", str(foreign))
     assert str(foreign / "manifest.json") in str(error.value)
     assert str(tiny_run / "prepare" / "manifest.json") in str(error.value)
 
@@ -198,7 +197,7 @@ def test_load_sids_feeds_sid_embedding(tiny_run: Path, stand_in: None) -> None:
     books = coarse_books(tiny_run)
     publish_quantizer(tiny_run, books)
     run_stage(tiny_run)
-    codes, codebooks = load_sids(tiny_run, "text")
+    _, codes, codebooks = load_sids(tiny_run, "text")
     assert codes.shape == (40, 3) and (codes[0] == -1).all() and (codes[1:] >= 0).all()
     assert [tuple(b.shape) for b in codebooks] == [tuple(b.shape) for b in books["text"]]
     embedding = SIDEmbedding(codes, dim=16, scheme="prefix_ngram", codebooks=codebooks)
@@ -236,5 +235,5 @@ def test_real_quantizer_end_to_end(tiny_run: Path) -> None:
     assert all(r["collisions_after"]["colliding_items"] == 0 for r in report.values())
     assert all(r["codebook_sizes"] == [8, 8] for r in report.values())
     assert (run_stage(tiny_run, "--model.collisions", "reassign") / "sids.parquet").read_bytes() == sids
-    codes, codebooks = load_sids(tiny_run, "collab")
+    _, codes, codebooks = load_sids(tiny_run, "collab")
     assert (codes >= 0).all() and [tuple(b.shape) for b in codebooks] == [(8, 4), (8, 4)]

@@ -30,7 +30,7 @@ from mmrec.artifacts import Manifest
 from mmrec.cli import main as mmrec
 from mmrec.data.resumable import EpochSampler
 from tests.fixtures import make_prepared_run, write_modality
-from tests.test_llm_support import single_thread, write_sids  # noqa: F401 (fixture)
+from tests.llm_helpers import write_sids
 from tests.test_resume_kill import Case, assert_mid_epoch, assert_same_result, evaluate
 
 ROOT = Path(__file__).parent.parent

@@ -13,7 +13,7 @@ from mmrec.artifacts import Manifest
 from mmrec.cli import main as mmrec
 from mmrec.data.prepared import load_modality
 from mmrec.errors import LineageError
-from mmrec.models import sasrec
+from mmrec.evaluation.loaders import load_sasrec
 from tests.fixtures import make_prepared_run
 
 CONFIGS = sorted(Path("configs").glob("*/fit-collab.yaml")) + sorted(Path("tests/conf").glob("fit-collab*.yaml"))
@@ -76,7 +76,7 @@ def test_a_model_trained_on_other_interactions_is_refused(tiny_run: Path, tmp_pa
     other = make_prepared_run(tmp_path / "other", seed=1)
     shutil.copytree(tiny_run / "fit-collab", other / "fit-collab")
     with pytest.raises(LineageError, match="different"):
-        sasrec.load(other, None, torch.device("cpu"))
+        load_sasrec(other, None, torch.device("cpu"))
 
 
 def test_sasrec_beats_popularity_on_category_structured_data(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mmrec.models.llm.generative import GenerativeRecommender
+from tests.llm_helpers import write_sids
 from tests.test_generative import NUM_ITEMS, generative
 from tests.test_llm_model import batch_of
-from tests.test_llm_support import single_thread, write_sids  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 HISTORIES = [[1, 2, 3, 4, 6, 7, 8, 10], [5, 9, 13], [0], [11, 12, 14, 15, 16]]  # unequal lengths: right padding

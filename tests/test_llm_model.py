@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from mmrec.data.datamodules import left_pad
+from mmrec.data.prepared import load_sids
 from mmrec.models.llm.fusion import FrequencyAwareFusion
 from mmrec.models.llm.prompt import PromptSplicer
-from mmrec.models.sid_embedding import load_sids
-from tests.test_llm_support import single_thread, tiny_model, write_sids  # noqa: F401 (fixture)
+from tests.llm_helpers import tiny_model, write_sids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -119,7 +119,7 @@ def test_fusion_weights_follow_frequency_and_mask_absent_modalities() -> None:
 def test_code_embeddings_start_from_the_codebooks_unless_random(sid_run: Path) -> None:
     codebook = tiny_model(sid_run, modalities=["text"], code_init="codebook")
     random = tiny_model(sid_run, modalities=["text"], code_init="random")
-    codes, books = load_sids(sid_run, "text")
+    _, codes, books = load_sids(sid_run, "text")
     items = torch.arange(1, 40)  # item 0 has no text, hence no text SID
     expected = sum(books[level][codes[items, level]] for level in range(len(books)))
     assert torch.allclose(codebook.item_encoder.sid_embeddings["text"](items), expected, atol=1e-6)

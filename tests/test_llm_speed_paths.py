@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from mmrec.artifacts import Manifest
 from mmrec.cli import main as mmrec
 from mmrec.errors import InputError
-from mmrec.models.llm import generative, recommender
+from mmrec.evaluation.llm_loaders import load_fusion, load_generative
 from mmrec.models.llm.backbone import BackboneSpec, load_backbone
-from tests.test_llm_support import single_thread, tiny_model, write_sids  # noqa: F401 (fixture)
+from tests.llm_helpers import tiny_model, write_sids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).parent.parent
@@ -29,7 +29,7 @@ def test_full_finetuning_trains_every_backbone_weight_and_the_export_is_that_mod
     config = "fit-recommender-generative.yaml" if head == "generative" else "fit-recommender.yaml"
     assert mmrec(["fit-recommender", "--config", str(CONF / config), "--run_dir", str(tiny_run),
                   "--model.init_args.backbone.finetune", "full"]) == 0
-    module = generative if head == "generative" else recommender
+    load = load_generative if head == "generative" else load_fusion
     out = tiny_run / ("fit-recommender-generative" if head == "generative" else "fit-recommender")
     assert "adapter" not in Manifest.read(out).outputs and not (out / "adapter").exists()
 
@@ -41,8 +41,8 @@ def test_full_finetuning_trains_every_backbone_weight_and_the_export_is_that_mod
     assert f"lm.{layer}" in backbone and not torch.allclose(backbone[f"lm.{layer}"], fresh.state_dict()[layer])
 
     last = tiny_run / f"{out.name}.work" / "checkpoints" / "last.ckpt"
-    exported = module.load(tiny_run, None, torch.device("cpu"))
-    checkpointed = module.load(tiny_run, str(last), torch.device("cpu"))
+    exported = load(tiny_run, None, torch.device("cpu"))
+    checkpointed = load(tiny_run, str(last), torch.device("cpu"))
     batch = {"history": torch.tensor([[1, 2, 3, 4]]), "mask": torch.ones(1, 4, dtype=torch.bool)}
     if head == "fusion":
         assert torch.allclose(exported.score_batch(batch), checkpointed.score_batch(batch), atol=1e-6)

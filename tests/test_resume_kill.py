@@ -34,7 +34,7 @@ import torch
 from mmrec.cli import main as mmrec
 from mmrec.models.mm_rqvae import DEAD_CODE_STATS
 from tests.fixtures import make_prepared_run, write_modality
-from tests.test_llm_support import single_thread, write_sids  # noqa: F401 (fixture)
+from tests.llm_helpers import write_sids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).parent.parent

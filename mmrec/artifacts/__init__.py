@@ -1,7 +1,8 @@
-"""Artifacts between stages: schemas, manifests and atomic stage folders."""
+"""Artifacts between stages: schemas, manifests, atomic stage folders and the reader of a run folder."""
 
-from mmrec.artifacts.manifest import Manifest, require_same_lineage
+from mmrec.artifacts.manifest import Manifest
+from mmrec.artifacts.run import RunFolder, Stage
 from mmrec.artifacts.schemas import read_table, write_table
 from mmrec.artifacts.stage_output import stage_dir, stage_output, work_dir
 
-__all__ = ["Manifest", "read_table", "require_same_lineage", "stage_dir", "stage_output", "work_dir", "write_table"]
+__all__ = ["Manifest", "RunFolder", "Stage", "read_table", "stage_dir", "stage_output", "work_dir", "write_table"]

@@ -81,6 +81,20 @@ PREDICTIONS = _schema(
 )
 """One row per evaluated user: the target item and the top-K items with their scores, best first."""
 
+RECOMMENDATIONS = _schema(
+    "recommendations",
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("item_idx", pa.int32(), nullable=False),
+        pa.field("title", pa.string()),
+        pa.field("score", pa.float32(), nullable=False),
+    ],
+)
+"""``mmrec recommend --users``: one row per user and recommended item, ``rank`` 1..K (long format, so it
+joins and filters without unnesting lists); ``title`` is the item's text (null when it has none)."""
+
 
 def embeddings_schema(dim: int) -> pa.Schema:
     """Per-item embeddings of one modality; ``present`` is the explicit mask (False: no content, zeros)."""

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mmrec.data.prepared import ModalityEmbeddings, PreparedData, load_modality
+from mmrec.data.recommender_inputs import InputNeeds, InputSource, RecommenderInputs, load_recommender_inputs
 from mmrec.data.resumable import EpochSampler, ResumableDataLoader, eval_sampler, world
 from mmrec.errors import InputError
 
@@ -109,10 +110,17 @@ class SequenceDataModule(L.LightningDataModule):
         self.group_by_length = group_by_length
         self.seed = _training_seed(seed)
         self.prepared = PreparedData(run_dir)
+        self.input_sources: dict[str, InputSource] = {}
 
     @property
     def num_items(self) -> int:
         return self.prepared.num_items
+
+    def recommender_inputs(self, needs: InputNeeds) -> RecommenderInputs:
+        """The catalog tensors an LLM recommender needs, read from the run folder; the files they came from
+        are kept in ``input_sources`` for the stage's manifest."""
+        inputs, self.input_sources = load_recommender_inputs(self.prepared, needs)
+        return inputs
 
     @property
     def item_counts(self) -> np.ndarray:

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import torch
 
-from mmrec.artifacts import Manifest, read_table, require_same_lineage, stage_dir
+from mmrec.artifacts import Manifest, RunFolder, read_table
+from mmrec.artifacts.run import StageFolder
 from mmrec.artifacts.schemas import INTERACTIONS, ITEMS, SPLITS, USERS, embeddings_to_numpy
 from mmrec.data.split import MIN_SPLIT_LENGTH
 from mmrec.errors import InputError
-
-PREPARE = "prepare"
-
-MODALITY_STAGE = {"text": PREPARE, "image": PREPARE, "collab": "fit-collab"}
-"""Which stage of a run directory writes each modality's ``emb_<modality>.parquet``."""
 
 
 @dataclass(frozen=True)
@@ -43,9 +40,9 @@ class PreparedData:
     """Items, users and leave-one-out sequences of one run directory's ``prepare`` stage."""
 
     def __init__(self, run_dir: str | Path) -> None:
-        self.run_dir = Path(run_dir)
-        self.folder = stage_dir(self.run_dir, PREPARE)
-        self.manifest = Manifest.read(self.folder)
+        self.run = RunFolder(run_dir)
+        self.run_dir = self.run.path
+        self.folder, self.manifest = self.run.prepare.path, self.run.prepare.manifest
         self.items_path = self.manifest.verify_output(self.folder, "items")
         self.interactions_path = self.manifest.verify_output(self.folder, "interactions")
         self.users_path = self.manifest.verify_output(self.folder, "users")
@@ -124,21 +121,21 @@ def _require_dense(table: pa.Table, column: str, path: Path) -> pa.Table:
     return table
 
 
-def modality_path(run_dir: str | Path, modality: str) -> Path:
-    if modality not in MODALITY_STAGE:
-        raise InputError(f"unknown modality '{modality}'; expected one of {sorted(MODALITY_STAGE)}")
-    return stage_dir(run_dir, MODALITY_STAGE[modality]) / f"emb_{modality}.parquet"
-
-
 def load_modality(run_dir: str | Path, modality: str, prepared: PreparedData | None = None) -> ModalityEmbeddings:
     """Load one modality's embeddings from the run directory, checked against the prepared items."""
     prepared = prepared or PreparedData(run_dir)
-    folder = stage_dir(run_dir, MODALITY_STAGE.get(modality, PREPARE))
-    path = modality_path(run_dir, modality)
-    manifest = Manifest.read(folder)
-    manifest.verify_output(folder, f"emb_{modality}")
-    require_same_lineage(manifest, folder / "manifest.json", prepared.manifest, prepared.folder / "manifest.json", "items")
+    folder, path = prepared.run.embeddings(modality)
     matrix, present = embeddings_to_numpy(read_table(path, "embeddings"), path)
     if len(matrix) != prepared.num_items:
         raise InputError(f"{path}: {len(matrix)} rows, but {prepared.items_path} has {prepared.num_items} items")
-    return ModalityEmbeddings(modality, matrix, present, path, manifest)
+    return ModalityEmbeddings(modality, matrix, present, path, folder.manifest)
+
+
+def load_sids(
+    run_dir: str | Path, modality: str, folder: str | Path | None = None, prepared: PreparedData | None = None,
+) -> tuple[StageFolder, torch.Tensor, list[torch.Tensor]]:
+    """One modality's SIDs (``codes [N, L]``, -1 where an item has none) and codebooks, with the
+    ``assign-sids`` folder they came from (``folder`` overrides it), refused unless they descend from the
+    run's prepared items table."""
+    prepared = prepared or PreparedData(run_dir)
+    return prepared.run.sids(modality, prepared.num_items, folder)

@@ -26,6 +26,7 @@ from mmrec.data.datamodules import SequenceDataModule
 from mmrec.errors import InputError
 from mmrec.evaluation.metrics import DEFAULT_K, RankingMetrics, list_ranks, target_ranks
 from mmrec.evaluation.protocol import AnyRecommender, Recommender, TopKRecommender
+from mmrec.evaluation.topk import top_by_list, top_by_scores
 
 
 @dataclass(frozen=True)
@@ -69,31 +70,16 @@ def rank_by_scores(
     model: Recommender, batch: dict[str, Tensor], k: int, num_items: int, mask_history: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Ranks over the full catalog and the top-``k`` items, from a score for every item."""
-    scores = model.score_batch(batch)
-    if scores.shape != (len(batch["target"]), num_items):
-        raise InputError(
-            f"{type(model).__name__}.score_batch returned shape {tuple(scores.shape)}, expected "
-            f"({len(batch['target'])}, {num_items}): was the model trained on another item table?"
-        )
-    if mask_history:
-        scores = scores.masked_fill(seen_items(batch, num_items), -torch.inf)
-    top_scores, top_items = scores.topk(k, dim=1)
-    return target_ranks(scores, batch["target"]), top_items, top_scores
+    top = top_by_scores(model, batch, k, num_items, seen_items(batch, num_items) if mask_history else None)
+    return target_ranks(top.all_scores, batch["target"]), top.items, top.scores
 
 
 def rank_by_list(
     model: TopKRecommender, batch: dict[str, Tensor], k: int, num_items: int, mask_history: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Ranks from a model's top-``k`` list; with history masking, ask for enough extra items to drop them."""
-    extra = batch["history"].shape[1] if mask_history else 0
-    items, scores = model.topk_batch(batch, k + extra)
-    if mask_history:
-        drop = seen_items(batch, num_items).gather(1, items.clamp(min=0)) & (items >= 0)
-        order = torch.argsort(drop.to(torch.int8), dim=1, stable=True)
-        items = items.masked_fill(drop, -1).gather(1, order)
-        scores = scores.masked_fill(drop, -torch.inf).gather(1, order)
-    items, scores = items[:, :k], scores[:, :k].float()
-    return list_ranks(items, scores, batch["target"]), items, scores
+    top = top_by_list(model, batch, k, num_items, seen_items(batch, num_items) if mask_history else None)
+    return list_ranks(top.items, top.scores, batch["target"]), top.items, top.scores
 
 
 def predictions_table(users: np.ndarray, targets: np.ndarray, items: np.ndarray, scores: np.ndarray) -> pa.Table:

@@ -16,10 +16,10 @@ from mmrec.errors import InputError
 from mmrec.evaluation.protocol import AnyRecommender, Recommender, TopKRecommender
 
 MODELS: dict[str, str] = {
-    "popularity": "mmrec.models.popularity:load",
-    "sasrec": "mmrec.models.sasrec:load",
-    "fusion": "mmrec.models.llm.recommender:load",
-    "generative": "mmrec.models.llm.generative:load",
+    "popularity": "mmrec.evaluation.loaders:load_popularity",
+    "sasrec": "mmrec.evaluation.loaders:load_sasrec",
+    "fusion": "mmrec.evaluation.llm_loaders:load_fusion",
+    "generative": "mmrec.evaluation.llm_loaders:load_generative",
 }
 
 

@@ -14,9 +14,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmrec.data.prepared import PreparedData
-from mmrec.errors import InputError
-
 
 class Popularity(nn.Module):
     """Scores each item by its training interaction count, the same for every user."""
@@ -29,9 +26,3 @@ class Popularity(nn.Module):
     def score_batch(self, batch: dict[str, Tensor]) -> Tensor:
         return self.counts.expand(len(batch["user_idx"]), -1)
 
-
-def load(run_dir: Path, checkpoint: str | None, device: torch.device) -> Popularity:
-    """Registry loader: count the training interactions of ``run_dir``'s prepared data."""
-    if checkpoint is not None:
-        raise InputError("popularity has no checkpoint: it counts the run's training interactions")
-    return Popularity(PreparedData(run_dir).train_item_counts).to(device).eval()

@@ -42,14 +42,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mmrec.artifacts import Manifest, require_same_lineage, stage_dir, write_table
+from mmrec.artifacts import Stage, write_table
 from mmrec.artifacts.schemas import embeddings_schema, embeddings_table
-from mmrec.data.prepared import PreparedData
 from mmrec.errors import InputError
 from mmrec.evaluation.metrics import DEFAULT_K, RankingMetrics, target_ranks
 from mmrec.models.compiled import Compiled
 
-STAGE = "fit-collab"
+STAGE = str(Stage.FIT_COLLAB)
 WEIGHTS, CONFIG, EMBEDDINGS = "sasrec.safetensors", "sasrec.json", "emb_collab.parquet"
 CONFIG_FORMAT = "mmrec.sasrec/1"
 MONITOR = "val/ndcg@10"
@@ -287,31 +286,3 @@ def from_lightning_checkpoint(path: Path) -> SASRec:
     model.load_state_dict(checkpoint["state_dict"])
     return model
 
-
-def load(run_dir: Path, checkpoint: str | None, device: torch.device) -> SASRec:
-    """Registry loader: the exported model of ``<run_dir>/fit-collab``, or ``checkpoint`` when given.
-
-    ``checkpoint`` may be a Lightning ``.ckpt`` (e.g. ``fit-collab.work/checkpoints/last.ckpt``) or a
-    ``.safetensors`` file with its ``.json`` beside it. The exported model is refused unless it was trained
-    on the interactions of this run's ``prepare`` stage.
-    """
-    if checkpoint is None:
-        folder = stage_dir(run_dir, STAGE)
-        manifest = Manifest.read(folder)
-        prepared = PreparedData(run_dir)
-        for key in ("items", "interactions"):
-            require_same_lineage(manifest, folder / "manifest.json", prepared.manifest, prepared.folder / "manifest.json", key)
-        weights = manifest.verify_output(folder, "sasrec")
-        model = from_files(manifest.verify_output(folder, "sasrec_config"), weights)
-    else:
-        weights = Path(checkpoint)
-        if not weights.is_file():
-            raise InputError(f"{weights}: checkpoint not found")
-        if weights.suffix == ".ckpt":
-            model = from_lightning_checkpoint(weights)
-        elif weights.suffix == ".safetensors":
-            model = from_files(weights.with_suffix(".json"), weights)
-        else:
-            raise InputError(f"{weights}: expected a Lightning .ckpt or a .safetensors file")
-    model.checkpoint_path = weights
-    return model.to(device).eval()

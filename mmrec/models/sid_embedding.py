@@ -40,22 +40,14 @@ flags them so the caller can mask them.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from torch import nn
-
-from mmrec.artifacts import Manifest, read_table, require_same_lineage, stage_dir
-from mmrec.artifacts.schemas import SIDS
-from mmrec.data.prepared import PreparedData
-from mmrec.errors import InputError
 
 Scheme = Literal["sum", "prefix_ngram", "all_bigrams", "full_tuple"]
 SCHEMES: tuple[str, ...] = ("sum", "prefix_ngram", "all_bigrams", "full_tuple")
-ASSIGN_SIDS = "assign-sids"
 
 
 def ngram_levels(scheme: Scheme, num_levels: int) -> list[tuple[int, ...]]:
@@ -254,40 +246,3 @@ def _codebook_rows(
         count.index_add_(0, row, torch.ones(len(codes)))
     return total / count.clamp(min=1).unsqueeze(1)
 
-
-def load_sids(
-    run_dir: str | Path, modality: str, folder: str | Path | None = None
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Read ``assign-sids`` outputs for one modality: ``(codes [N, L], codebooks)``.
-
-    ``codes`` is a LongTensor with one row per item of the prepared items table (``item_idx`` order), all
-    ``-1`` where the item has no SID in the modality (no content there). ``codebooks`` holds the quantizer's
-    ``[K_l, D]`` codebook of each quantizer level (not of a suffix level). The SIDs are refused unless
-    they descend from the run's prepared items table. ``folder`` overrides ``<run_dir>/assign-sids``.
-    """
-    prepared = PreparedData(run_dir)
-    folder = Path(folder) if folder is not None else stage_dir(run_dir, ASSIGN_SIDS)
-    manifest = Manifest.read(folder)
-    require_same_lineage(
-        manifest, folder / "manifest.json", prepared.manifest, prepared.folder / "manifest.json", "items"
-    )
-    path = manifest.verify_output(folder, "sids")
-    table = read_table(path, SIDS)
-    modalities = sorted(set(table.column("modality").to_pylist()))
-    if modality not in modalities:
-        raise InputError(f"{path}: no SIDs for modality '{modality}'; it has {', '.join(modalities) or 'none'}")
-    rows = table.filter(np.asarray(table.column("modality").to_pylist()) == modality)
-    item_idx = rows.column("item_idx").to_numpy()
-    tuples = rows.column("codes").to_pylist()
-    lengths = {len(t) for t in tuples}
-    if len(lengths) != 1:
-        raise InputError(f"{path}: modality '{modality}' has SIDs of different lengths {sorted(lengths)}")
-    if item_idx.max() >= prepared.num_items:
-        raise InputError(
-            f"{path}: item_idx {int(item_idx.max())} beyond the {prepared.num_items} items of {prepared.items_path}"
-        )
-    codes = torch.full((prepared.num_items, lengths.pop()), -1, dtype=torch.long)
-    codes[torch.from_numpy(item_idx.astype(np.int64))] = torch.tensor(tuples, dtype=torch.long)
-    books = load_file(str(manifest.verify_output(folder, "codebooks")))
-    levels = sorted(int(key.split(".", 1)[1]) for key in books if key.split(".", 1)[0] == modality)
-    return codes, [books[f"{modality}.{level}"] for level in levels]

@@ -12,66 +12,19 @@ Items without content in a modality (``present`` False) get no SID there: they h
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import pyarrow as pa
 import torch
-from safetensors import safe_open
 from torch import nn
 
-from mmrec.artifacts import Manifest, require_same_lineage, stage_dir
 from mmrec.artifacts.schemas import SIDS
-from mmrec.data.prepared import PreparedData
 from mmrec.errors import InputError
 from mmrec.models.sid_collisions import RESOLUTIONS, ResolvedCodes
 
-QUANTIZER_STAGE = "fit-quantizer"
-CODEBOOKS = "codebooks.safetensors"
 LEVEL_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-@dataclass(frozen=True)
-class QuantizerFolder:
-    """A ``fit-quantizer`` folder checked against the run's prepared items."""
-
-    path: Path
-    manifest: Manifest
-    modalities: list[str]
-
-    @property
-    def codebooks_path(self) -> Path:
-        return self.path / CODEBOOKS
-
-
-def open_quantizer_folder(run_dir: str | Path, quantizer_dir: str | Path | None = None) -> QuantizerFolder:
-    """Read and check a quantizer folder (default ``<run_dir>/fit-quantizer``).
-
-    Every output its manifest lists must have the recorded hash, and it must descend from the same items
-    table as ``<run_dir>/prepare``: codes of another catalogue would silently map items to wrong SIDs.
-    """
-    folder = Path(quantizer_dir) if quantizer_dir else stage_dir(run_dir, QUANTIZER_STAGE)
-    manifest = Manifest.read(folder)
-    prepared = PreparedData(run_dir)
-    require_same_lineage(
-        manifest, folder / "manifest.json", prepared.manifest, prepared.folder / "manifest.json", "items"
-    )
-    for name in manifest.outputs:
-        manifest.verify_output(folder, name)
-    if not (folder / CODEBOOKS).is_file():
-        raise InputError(f"{folder / CODEBOOKS}: missing; re-run fit-quantizer")
-    with safe_open(str(folder / CODEBOOKS), framework="pt") as books:
-        modalities = sorted({key.split(".", 1)[0] for key in books.keys()})  # noqa: SIM118 (safe_open is not iterable)
-    return QuantizerFolder(folder, manifest, modalities)
-
-
-def load_quantizer(folder: Path) -> nn.Module:
-    """The trained multimodal RQ-VAE of a ``fit-quantizer`` folder, on the CPU, in eval mode."""
-    from mmrec.models.mm_rqvae import MMRQVAE
-
-    return MMRQVAE.load(folder, map_location="cpu").eval()
 
 
 @dataclass(frozen=True)
@@ -94,8 +47,8 @@ class SIDMapper(L.LightningModule):
     """Map items to the code tuples of a trained quantizer (predict only).
 
     Args:
-        run_dir: the run directory (linked to ``--run_dir``).
-        quantizer_dir: the ``fit-quantizer`` folder to use; default ``<run_dir>/fit-quantizer``.
+        quantizer: the trained multimodal RQ-VAE (``assign-sids`` links in the one its ``--quantizer_dir``
+            names); it is frozen here.
         collisions: ``suffix`` (TIGER), ``reassign`` (LC-Rec) or ``none``; see ``mmrec.models.sid_collisions``.
         report_pairs: item pairs sampled for the Kendall-tau distance-preservation figure.
         report_seed: seed of those pairs and of the random-code baseline (fixed, so reports are reproducible).
@@ -103,8 +56,7 @@ class SIDMapper(L.LightningModule):
 
     def __init__(
         self,
-        run_dir: str = "runs/demo",
-        quantizer_dir: str | None = None,
+        quantizer: nn.Module,
         collisions: Literal["suffix", "reassign", "none"] = "suffix",
         report_pairs: int = 10_000,
         report_seed: int = 0,
@@ -114,16 +66,9 @@ class SIDMapper(L.LightningModule):
             raise InputError(f"model.collisions must be one of {', '.join(RESOLUTIONS)}, got {collisions!r}")
         if report_pairs < 1:
             raise InputError(f"model.report_pairs must be positive, got {report_pairs}")
-        self.save_hyperparameters()
-        self.folder = open_quantizer_folder(run_dir, quantizer_dir)
-        self.quantizer = load_quantizer(self.folder.path)
-        self.quantizer.requires_grad_(False)
+        self.save_hyperparameters(ignore=["quantizer"])
+        self.quantizer = quantizer.eval().requires_grad_(False)
         self.modalities = list(self.quantizer.codebooks())
-        if sorted(self.modalities) != self.folder.modalities:
-            raise InputError(
-                f"{self.folder.codebooks_path} holds codebooks of {self.folder.modalities}, but the quantizer of "
-                f"{self.folder.path} has {self.modalities}; re-run fit-quantizer"
-            )
 
     @property
     def wants_distances(self) -> bool:

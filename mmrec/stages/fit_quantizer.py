@@ -16,16 +16,16 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
-from safetensors.torch import save_file
 
-from mmrec.artifacts import stage_output, work_dir
+from mmrec.artifacts import Stage, stage_output, work_dir
 from mmrec.artifacts.manifest import file_sha256
+from mmrec.artifacts.run import save_codebooks
 from mmrec.data.datamodules import ItemFeatureDataModule
 from mmrec.models.mm_rqvae import MMRQVAE
 from mmrec.stages.fit_collab import peak_gpu_memory_gib
 from mmrec.stages.lightning_cli import StageCLI
 
-STAGE = "fit-quantizer"
+STAGE = str(Stage.FIT_QUANTIZER)
 CODEBOOKS = "codebooks.safetensors"
 FINAL_TAU_PAIRS = 100_000
 
@@ -74,8 +74,7 @@ def main(argv: list[str]) -> None:
     }
     with stage_output(cli.run_dir, STAGE, manifest) as out:
         config_path, weights_path = model.save(out)
-        books = {f"{m}.{level}": book for m, levels in model.codebooks().items() for level, book in enumerate(levels)}
-        save_file(books, str(out / CODEBOOKS))
+        save_codebooks(model.codebooks(), out / CODEBOOKS)
         manifest.add_output("quantizer", weights_path)
         manifest.add_output("quantizer_config", config_path)
         manifest.add_output("codebooks", out / CODEBOOKS)

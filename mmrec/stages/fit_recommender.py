@@ -21,11 +21,12 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.strategies import FSDPStrategy
 
 from mmrec.artifacts import stage_output
+from mmrec.callbacks.throughput import TrainingThroughput
 from mmrec.data.datamodules import SequenceDataModule
+from mmrec.data.recommender_inputs import RecommenderInputs
 from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender  # noqa: F401 (imported: --model GenerativeRecommender resolves)
 from mmrec.models.llm.recommender import LLMRecommender
-from mmrec.models.llm.throughput import TrainingThroughput
 from mmrec.stages.lightning_cli import StageCLI
 
 DEFAULT_HEAD = f"{LLMRecommender.__module__}.{LLMRecommender.__qualname__}"
@@ -43,9 +44,8 @@ class FitRecommenderCLI(StageCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.set_defaults({"data.train_mode": "prefix", "model": {"class_path": DEFAULT_HEAD}})
-        parser.link_arguments("run_dir", "model.init_args.run_dir")
         parser.link_arguments("data.max_len", "model.init_args.max_len")
-        parser.link_arguments("data.num_items", "model.init_args.num_items", apply_on="instantiate")
+        parser.link_arguments("data", "model.init_args.inputs", compute_fn=self.model_inputs, apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "model_checkpoint")
         parser.set_defaults({
             "model_checkpoint.monitor": MONITOR, "model_checkpoint.mode": "max",
@@ -53,10 +53,18 @@ class FitRecommenderCLI(StageCLI):
         })
 
     @property
+    def head_class(self) -> type[LLMRecommenderBase]:
+        module, name = self.config.model.class_path.rsplit(".", 1)
+        return getattr(importlib.import_module(module), name)
+
+    @property
     def work_name(self) -> str:
         """The model class's export folder (``fit-recommender`` or ``fit-recommender-generative``)."""
-        module, name = self.config.model.class_path.rsplit(".", 1)
-        return getattr(importlib.import_module(module), name).export_folder
+        return self.head_class.export_folder
+
+    def model_inputs(self, data: SequenceDataModule) -> RecommenderInputs:
+        """The catalog tensors the configured head reads, from the data module's run folder."""
+        return data.recommender_inputs(self.head_class.input_needs(self.config.model.init_args))
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
@@ -85,8 +93,8 @@ def main(argv: list[str]) -> None:
     manifest = cli.manifest()
     manifest.add_input("items", prepared.items_path, prepared.manifest)
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
-    for name, path, source in model.input_files:
-        manifest.add_input(name, path, source)
+    for name, source in data.input_sources.items():
+        manifest.add_input(name, source.path, source.manifest)
     throughput = meter.summary()
     manifest.extra = {**cli.fit_summary(best_val, resumed_from, fit_seconds), **throughput}
     with stage_output(cli.run_dir, model.export_folder, manifest) as out:

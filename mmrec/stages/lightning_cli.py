@@ -2,7 +2,9 @@
 
 It adds what all mmrec stages share: ``--run_dir`` (linked to ``data.run_dir``), ``--resume``, a seed
 default, ``trainer.default_root_dir`` inside ``<run_dir>/<stage>.work`` (checkpoints and logs, kept on a
-crash for resuming), and a parser named after the stage so ``--help`` reads ``mmrec <stage>``.
+crash for resuming), a CSVLogger there when the config leaves ``trainer.logger`` unset (the curves that
+``mmrec report`` plots, whether or not TensorBoard is installed), and a parser named after the stage so
+``--help`` reads ``mmrec <stage>``.
 
 Resuming is exact: a stage killed at any step and restarted with ``--resume true`` ends with the weights and
 metrics of an uninterrupted run (same seed, CPU). ``last.ckpt`` is written every
@@ -96,6 +98,11 @@ class StageCLI(LightningCLI):
         config = self.config
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(work_dir(config.run_dir, self.work_name))
+        if config.trainer.logger is None:  # unset: CSV curves in the work folder, which `mmrec report` plots
+            config.trainer.logger = {
+                "class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": config.trainer.default_root_dir, "name": "logs"},
+            }
         every = config.checkpoint_every_n_steps
         if every < 0:
             raise InputError(f"checkpoint_every_n_steps must be 0 or more, got {every}")

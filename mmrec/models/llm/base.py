@@ -15,7 +15,8 @@ import inspect
 import json
 import math
 import re
-from dataclasses import asdict, is_dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,21 +27,19 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mmrec.artifacts import Manifest, require_same_lineage, stage_dir
-from mmrec.artifacts.manifest import file_sha256
-from mmrec.data.prepared import MODALITY_STAGE, PreparedData, modality_path
-from mmrec.errors import InputError, LineageError, MMRecError
+from mmrec.artifacts import Stage
+from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs, SIDCodes
+from mmrec.errors import InputError, MMRecError
 from mmrec.evaluation.metrics import RankingMetrics
 from mmrec.models.compiled import Compiled
 from mmrec.models.llm.backbone import TINY, BackboneSpec
 from mmrec.models.llm.lora import LoRASpec, add_lora, load_adapter_weights
 from mmrec.models.llm.prompt import PromptSpec, prompt_token_ids
-from mmrec.models.sid_embedding import load_sids
 
 DEFAULT_BACKBONE, DEFAULT_LORA = BackboneSpec(), LoRASpec()  # frozen: safe defaults
-STAGE = "fit-recommender"
-SIDS_STAGE = "assign-sids"
-SIDS_FILES = {"sids": "sids.parquet", "codebooks": "codebooks.safetensors"}
+STAGE = str(Stage.FIT_RECOMMENDER)
+SPEC_FORMAT = "mmrec.llm-recommender/2"
+"""``recommender.json``'s format; /2 records ``num_items`` beside the hyperparameters, /1 (still read) inside them."""
 SPEC_FILE = "recommender.json"
 HEADS_FILE = "heads.safetensors"
 ADAPTER_DIR = "adapter"
@@ -58,7 +57,8 @@ class TrainingError(MMRecError):
 class LLMRecommenderBase(L.LightningModule):
     """Backbone, LoRA, optimiser, trained-tensor checkpoints and export; subclasses add a head.
 
-    A subclass's ``__init__`` calls ``save_hyperparameters()`` and :meth:`_prepare` first (run directory and validation metric), then
+    A subclass's ``__init__`` calls ``save_hyperparameters(ignore=["inputs"])`` and :meth:`_prepare` first (the
+    catalog's tensors stay out of the hyperparameters; validation metric), then
     :meth:`_attach_backbone` with the loaded (possibly extended) backbone, and names the prefixes of its own
     trained modules in ``trained_prefixes`` (saved in ``heads.safetensors``).
     """
@@ -69,19 +69,20 @@ class LLMRecommenderBase(L.LightningModule):
     """The run-directory folder the stage exports this head to, so both heads' exports can sit side by side."""
     trained_prefixes: ClassVar[tuple[str, ...]] = ()
 
-    def _prepare(self, num_items: int, run_dir: str, ks: list[int]) -> PreparedData:
-        """Check the run directory; call right after ``self.save_hyperparameters()``."""
+    @classmethod
+    def input_needs(cls, hparams: Mapping[str, Any]) -> InputNeeds:
+        """The catalog inputs a model of these constructor arguments reads (what a stage loads for it)."""
+        raise NotImplementedError
+
+    def _prepare(self, inputs: RecommenderInputs, ks: list[int]) -> None:
+        """Call right after ``self.save_hyperparameters(ignore=["inputs"])``."""
         for key in ("backbone", "lora", "prompt"):  # plain dicts: JSON-able, and checkpoints unpickle safely
             if is_dataclass(self.hparams.get(key)):
                 self.hparams[key] = asdict(self.hparams[key])
         self.strict_loading = False  # checkpoints hold only the trained tensors
-        prepared = PreparedData(run_dir)
-        if num_items != prepared.num_items:
-            raise InputError(f"model.num_items is {num_items}, but {prepared.items_path} has {prepared.num_items} items")
-        self.input_files: list[tuple[str, Path, Manifest]] = []
+        self.num_items = inputs.num_items
         self.val_metrics = RankingMetrics(sorted(set(ks) | {10}))  # NDCG@10 picks the best checkpoint
         self.checkpoint_path: Path | None = None
-        return prepared
 
     def _attach_backbone(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoRASpec, prompt: PromptSpec,
@@ -122,17 +123,12 @@ class LLMRecommenderBase(L.LightningModule):
             self._compiled_forward = Compiled(decoder.forward, "the backbone's training forward", dynamic=True)
         return self._compiled_forward(**inputs)
 
-    def _sids(self, run_dir: str, name: str) -> tuple[Tensor, list[Tensor]]:
-        """One modality's SIDs and codebooks (``load_sids`` refuses SIDs of another items table), recorded as inputs."""
-        codes, codebooks = load_sids(run_dir, name)
-        folder = stage_dir(run_dir, SIDS_STAGE)
-        if not codebooks:
-            raise InputError(f"{folder / 'codebooks.safetensors'}: no codebooks for modality '{name}'")
-        manifest = Manifest.read(folder)
-        for key in SIDS_FILES:
-            if not any(entry[0] == key for entry in self.input_files):
-                self.input_files.append((key, manifest.verify_output(folder, key), manifest))
-        return codes, codebooks
+    @staticmethod
+    def _sids(inputs: RecommenderInputs, name: str) -> SIDCodes:
+        """One modality's SIDs and codebooks, refused when the inputs lack them."""
+        if name not in inputs.sids or not inputs.sids[name].codebooks:
+            raise InputError(f"the inputs hold no SIDs with codebooks for modality '{name}' (they have {sorted(inputs.sids)})")
+        return inputs.sids[name]
 
     def decoder(self) -> nn.Module:
         """The backbone without its language-model head (LoRA layers included)."""
@@ -213,11 +209,12 @@ class LLMRecommenderBase(L.LightningModule):
 
     def spec(self) -> dict[str, Any]:
         """Everything ``load`` needs to rebuild this model (``recommender.json``)."""
-        arguments = set(inspect.signature(type(self).__init__).parameters) - {"self", "run_dir"}
+        arguments = set(inspect.signature(type(self).__init__).parameters) - {"self", "inputs"}
         hparams = {key: value for key, value in self.hparams.items() if key in arguments}
         return {
-            "format": "mmrec.llm-recommender/1",
+            "format": SPEC_FORMAT,
             "head": self.head,
+            "num_items": self.num_items,
             "hparams": json.loads(json.dumps(hparams, default=list)),
             "hidden_size": int(self.lm.config.hidden_size),
             "prompt_tokens": {"prefix": list(self.prompt_ids[0]), "suffix": list(self.prompt_ids[1])},
@@ -277,66 +274,3 @@ class LLMRecommenderBase(L.LightningModule):
             odd = min(set(heads) ^ expected)
             raise InputError(f"{folder / HEADS_FILE}: does not match {folder / SPEC_FILE} (tensor '{odd}')")
         self.load_state_dict(heads, strict=False)
-
-
-def require_same_inputs(manifest: Manifest, folder: Path, run_dir: Path) -> None:
-    """Refuse to rebuild a model whose embeddings or SIDs in ``run_dir`` changed since it was trained (a
-    re-run ``fit-collab``, say): the frozen tables are read from the run, not stored with the model."""
-    current = {f"emb_{m}": modality_path(run_dir, m) for m in MODALITY_STAGE}
-    current.update({key: stage_dir(run_dir, SIDS_STAGE) / name for key, name in SIDS_FILES.items()})
-    for name, entry in manifest.inputs.items():
-        path = current.get(name)
-        if path is not None and (not path.is_file() or file_sha256(path) != entry["sha256"]):
-            raise LineageError(
-                f"{path}: differs from the '{name}' that {folder / 'manifest.json'} records as trained on; "
-                "re-run fit-recommender"
-            )
-
-
-def load_model(
-    cls: type[LLMRecommenderBase], run_dir: Path, checkpoint: str | None, device: torch.device
-) -> LLMRecommenderBase:
-    """Rebuild a trained ``cls`` for ``mmrec test``.
-
-    ``checkpoint``: None reads ``<run_dir>/<cls.export_folder>/``; a folder reads another export; a ``.ckpt``
-    file (a Lightning checkpoint of ``fit-recommender``) loads its trained tensors into the model that
-    ``<run_dir>/<cls.export_folder>/recommender.json`` describes.
-    """
-    folder = stage_dir(run_dir, cls.export_folder)
-    ckpt = None
-    if checkpoint is not None:
-        path = Path(checkpoint)
-        if path.is_dir():
-            folder = path
-        elif path.is_file() and path.suffix == ".ckpt":
-            ckpt = path
-        else:
-            raise InputError(f"{path}: expected a fit-recommender folder or a Lightning .ckpt file")
-    manifest = Manifest.read(folder)
-    prepared = PreparedData(run_dir)
-    require_same_lineage(manifest, folder / "manifest.json", prepared.manifest, prepared.folder / "manifest.json", "items")
-    require_same_inputs(manifest, folder, Path(run_dir))
-    spec_path = manifest.verify_output(folder, "recommender")
-    spec = json.loads(spec_path.read_text())
-    head = spec.get("head", "fusion")
-    if head != cls.head:
-        raise InputError(f"{spec_path}: the model has the '{head}' head; evaluate it with --model {head}")
-    hparams = dict(spec["hparams"])
-    backbone = replace(BackboneSpec(**hparams.pop("backbone")), compile=False)  # evaluation runs eagerly
-    if backbone.name_or_path == TINY:
-        backbone = replace(backbone, name_or_path=str(folder / BACKBONE_DIR))
-    model = cls(
-        run_dir=str(run_dir), backbone=backbone, lora=LoRASpec(**hparams.pop("lora")),
-        prompt=PromptSpec(**hparams.pop("prompt")), **hparams,
-    )
-    if ckpt is not None:
-        model.load_trained(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], ckpt)
-        model.checkpoint_path = ckpt
-    else:
-        manifest.verify_output(folder, "heads")
-        for name in (ADAPTER_DIR, BACKBONE_DIR):  # recorded where the model has them (LoRA; a tiny backbone)
-            if name in manifest.outputs:
-                manifest.verify_output(folder, name)
-        model.load_exported(folder)
-        model.checkpoint_path = folder / HEADS_FILE
-    return model.to(device).eval()

@@ -19,25 +19,23 @@ histories and can never be recommended.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from mmrec.artifacts import stage_dir
+from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs
+from mmrec.errors import InputError
 from mmrec.evaluation.metrics import DEFAULT_K, list_ranks
 from mmrec.models.llm.backbone import BackboneSpec, load_backbone
 from mmrec.models.llm.base import (
     DEFAULT_BACKBONE,
     DEFAULT_LORA,
-    SIDS_FILES,
-    SIDS_STAGE,
     STAGE,
     LLMRecommenderBase,
     TrainingError,
-    load_model,
 )
 from mmrec.models.llm.lora import LoRASpec
 from mmrec.models.llm.prompt import PromptSpec, padding_last
@@ -51,8 +49,8 @@ class GenerativeRecommender(LLMRecommenderBase):
     """A LoRA-tuned causal LM that generates the next item's semantic ID.
 
     Args:
-        num_items: catalog size (linked from the data module).
-        run_dir: run directory holding ``prepare/`` and ``assign-sids/``.
+        inputs: the catalog's tensors: the SIDs of ``sid_modality`` and, with ``with_titles``, the item texts
+            (built by the data module from the run folder and linked in by ``fit-recommender``).
         max_len: most recent history items read (linked from ``data.max_len``).
         backbone: the causal LM (see :class:`~mmrec.models.llm.backbone.BackboneSpec`).
         lora: LoRA settings (see :class:`~mmrec.models.llm.lora.LoRASpec`).
@@ -76,8 +74,7 @@ class GenerativeRecommender(LLMRecommenderBase):
 
     def __init__(
         self,
-        num_items: int,
-        run_dir: str = "runs/demo",
+        inputs: RecommenderInputs,
         max_len: int = 20,
         backbone: BackboneSpec = DEFAULT_BACKBONE,
         lora: LoRASpec = DEFAULT_LORA,
@@ -95,11 +92,12 @@ class GenerativeRecommender(LLMRecommenderBase):
         ks: list[int] = list(DEFAULT_K),  # noqa: B006 (jsonargparse needs a literal default)
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        prepared = self._prepare(num_items, run_dir, ks)
+        self.save_hyperparameters(ignore=["inputs"])
+        self._prepare(inputs, ks)
         self.max_len, self.num_beams = max_len, num_beams
-        codes, codebooks = self._sids(run_dir, sid_modality)
-        self.vocab = SIDVocabulary.from_codes(codes, codebooks, stage_dir(run_dir, SIDS_STAGE) / SIDS_FILES["sids"])
+        sids = self._sids(inputs, sid_modality)
+        codes, codebooks = sids.codes, sids.codebooks
+        self.vocab = SIDVocabulary.from_codes(codes, codebooks, sids.source)
 
         model, tokenizer = load_backbone(backbone)
         token_ids = add_sid_tokens(tokenizer, model, self.vocab)
@@ -113,13 +111,20 @@ class GenerativeRecommender(LLMRecommenderBase):
         self.register_buffer("item_codes", self.vocab.codes, persistent=False)
         self.register_buffer("item_sid_rows", self.vocab.item_token_rows(), persistent=False)
         self.register_buffer("level_starts", torch.tensor(self.vocab.offsets, dtype=torch.long), persistent=False)
-        titles = [text or "" for text in prepared.items.column("text").to_pylist()] if with_titles else None
+        if with_titles and inputs.item_texts is None:
+            raise InputError("model.with_titles needs the item texts among the inputs")
+        titles = inputs.item_texts if with_titles else None
         self.register_buffer("item_tokens", self._item_token_table(tokenizer, token_ids, titles), persistent=False)
         self.register_buffer("prefix_ids", torch.tensor(self.prompt_ids[0], dtype=torch.long), persistent=False)
         self.register_buffer("suffix_ids", torch.tensor(self.prompt_ids[1], dtype=torch.long), persistent=False)
         self.trie = SIDTrie(self.vocab.codes, self.vocab.level_sizes)
         # any item with an SID: the stand-in target of samples whose own target has none (weighted out)
         self.writable_item = int(torch.nonzero((self.vocab.codes >= 0).all(dim=1))[0, 0])
+
+    @classmethod
+    def input_needs(cls, hparams: Mapping[str, Any]) -> InputNeeds:
+        """The SIDs of ``sid_modality``, and the item texts with ``with_titles``."""
+        return InputNeeds(sid_modalities=(hparams.get("sid_modality", "collab"),), item_texts=bool(hparams.get("with_titles")))
 
     def _item_token_table(self, tokenizer: PreTrainedTokenizerBase, token_ids: Tensor, titles: list[str] | None) -> Tensor:
         """``[N, W]`` the tokens each history item contributes (its SID, its title, a separator); -1 pads."""
@@ -205,8 +210,6 @@ class GenerativeRecommender(LLMRecommenderBase):
         """
         attention = self.base_model().config._attn_implementation
         if attention not in ("sdpa", "eager"):
-            from mmrec.errors import InputError
-
             raise InputError(f"generative decoding needs a 4D attention mask: use backbone.attn_implementation sdpa, not {attention}")
         ids, attention_mask, lengths = self._sequences(history, mask)
         batch, device = len(ids), ids.device
@@ -262,7 +265,3 @@ class GenerativeRecommender(LLMRecommenderBase):
             raise TrainingError("the generative head's beam scores are NaN: training diverged (lower model.lr / model.lora_lr)")
         self.val_metrics.update(list_ranks(items, scores, batch["target"]))
 
-
-def load(run_dir: Path, checkpoint: str | None, device: torch.device) -> GenerativeRecommender:
-    """Registry loader for ``mmrec test --model generative`` (see :func:`~mmrec.models.llm.base.load_model`)."""
-    return load_model(GenerativeRecommender, run_dir, checkpoint, device)

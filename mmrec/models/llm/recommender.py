@@ -16,14 +16,15 @@ safetensors and ``recommender.json`` (see :func:`load`).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmrec.data.prepared import ModalityEmbeddings, PreparedData, load_modality
+from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs
+from mmrec.errors import InputError
 from mmrec.evaluation.metrics import DEFAULT_K, target_ranks
 from mmrec.models.llm.backbone import BackboneSpec, load_backbone
 from mmrec.models.llm.base import (
@@ -33,7 +34,6 @@ from mmrec.models.llm.base import (
     STAGE,
     LLMRecommenderBase,
     TrainingError,
-    load_model,
 )
 from mmrec.models.llm.fusion import HEAD, FrequencyAwareFusion
 from mmrec.models.llm.item_encoder import ItemEncoder
@@ -41,7 +41,7 @@ from mmrec.models.llm.lora import LoRASpec
 from mmrec.models.llm.prompt import PromptSpec, PromptSplicer
 from mmrec.models.sid_embedding import SIDEmbedding
 
-__all__ = ["MONITOR", "STAGE", "LLMRecommender", "load"]
+__all__ = ["MONITOR", "STAGE", "LLMRecommender"]
 DEFAULT_PROMPT = PromptSpec()
 
 
@@ -49,8 +49,9 @@ class LLMRecommender(LLMRecommenderBase):
     """MME-SID's LLM recommender with the frequency-aware fusion head.
 
     Args:
-        num_items: catalog size (linked from the data module).
-        run_dir: run directory holding ``prepare/``, ``fit-collab/`` and ``assign-sids/``.
+        inputs: the catalog's tensors: the embeddings of ``modalities`` and of the scoring modalities, the SIDs
+            of ``sid_modalities`` and the training item counts (built by the data module from the run folder
+            and linked in by ``fit-recommender``; see :meth:`input_needs`).
         max_len: most recent history items read (linked from ``data.max_len``; evaluation truncates to it).
         backbone: the causal LM (see :class:`~mmrec.models.llm.backbone.BackboneSpec`).
         lora: LoRA settings (see :class:`~mmrec.models.llm.lora.LoRASpec`).
@@ -85,8 +86,7 @@ class LLMRecommender(LLMRecommenderBase):
 
     def __init__(
         self,
-        num_items: int,
-        run_dir: str = "runs/demo",
+        inputs: RecommenderInputs,
         max_len: int = 20,
         backbone: BackboneSpec = DEFAULT_BACKBONE,
         lora: LoRASpec = DEFAULT_LORA,
@@ -109,14 +109,17 @@ class LLMRecommender(LLMRecommenderBase):
         ks: list[int] = list(DEFAULT_K),  # noqa: B006
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        prepared = self._prepare(num_items, run_dir, ks)
-        sid_modalities = list(modalities) if sid_modalities is None else list(sid_modalities)
+        self.save_hyperparameters(ignore=["inputs"])
+        self._prepare(inputs, ks)
+        needs = self.input_needs(self.hparams)
         scorers = [HEAD, *modalities] if scorers is None else list(scorers)
         score_modalities = [name for name in scorers if name != HEAD]
         self.max_len = max_len
-        embeddings = {name: self._modality(run_dir, name, prepared) for name in dict.fromkeys(modalities + score_modalities)}
-        sids = {name: self._sid_embedding(run_dir, name) for name in sid_modalities}
+        missing = sorted(set(needs.modalities) - set(inputs.embeddings))
+        if missing:
+            raise InputError(f"the inputs hold no embeddings for modalities {missing} (they have {sorted(inputs.embeddings)})")
+        embeddings = inputs.embeddings
+        sids = {name: self._sid_embedding(inputs, name) for name in needs.sid_modalities}
 
         model, tokenizer = load_backbone(backbone)
         self._attach_backbone(model, tokenizer, lora, prompt)
@@ -125,24 +128,32 @@ class LLMRecommender(LLMRecommenderBase):
         self.prompt = PromptSplicer(*self.prompt_ids)
         hidden = model.config.hidden_size
         self.item_encoder = ItemEncoder(
-            {name: torch.from_numpy(embeddings[name].matrix) for name in modalities}, sids,
+            {name: embeddings[name].matrix for name in modalities}, sids,
             proj_dim=proj_dim, hidden_dim=encoder_hidden, out_dim=hidden, dropout=dropout,
         )
         self.fusion = FrequencyAwareFusion(
-            hidden, torch.from_numpy(prepared.train_item_counts),
-            {name: torch.from_numpy(embeddings[name].matrix) for name in score_modalities},
-            {name: torch.from_numpy(embeddings[name].present) for name in score_modalities},
+            hidden, inputs.train_item_counts,
+            {name: embeddings[name].matrix for name in score_modalities},
+            {name: embeddings[name].present for name in score_modalities},
             use_head=HEAD in scorers, mlp_hidden=fusion_hidden,
         )
 
-    def _modality(self, run_dir: str, name: str, prepared: PreparedData) -> ModalityEmbeddings:
-        table = load_modality(run_dir, name, prepared)
-        self.input_files.append((f"emb_{name}", table.path, table.manifest))
-        return table
+    @classmethod
+    def input_needs(cls, hparams: Mapping[str, Any]) -> InputNeeds:
+        """The raw embeddings of ``modalities`` and of the scoring modalities, the SIDs of ``sid_modalities``."""
+        modalities = list(hparams.get("modalities", ["collab", "text"]))
+        scorers = hparams.get("scorers")
+        scoring = [name for name in scorers if name != HEAD] if scorers is not None else []
+        sid_modalities = hparams.get("sid_modalities")
+        return InputNeeds(
+            modalities=tuple(dict.fromkeys(modalities + scoring)),
+            sid_modalities=tuple(modalities if sid_modalities is None else sid_modalities),
+        )
 
-    def _sid_embedding(self, run_dir: str, name: str) -> tuple[nn.Module, int]:
+    def _sid_embedding(self, inputs: RecommenderInputs, name: str) -> tuple[nn.Module, int]:
         """Code embeddings of one modality, initialised from its codebooks or at random."""
-        codes, codebooks = self._sids(run_dir, name)
+        sid = self._sids(inputs, name)
+        codes, codebooks = sid.codes, sid.codebooks
         dim = int(codebooks[0].shape[1])  # the same width for both inits, so the ablation changes only the start
         module = SIDEmbedding(
             codes, dim=dim, scheme=self.hparams.sid_scheme, codebooks=codebooks, init=self.hparams.code_init,
@@ -213,7 +224,3 @@ class LLMRecommender(LLMRecommenderBase):
                                 "or the backbone produced NaN in this dtype")
         self.val_metrics.update(target_ranks(scores, batch["target"]))
 
-
-def load(run_dir: Path, checkpoint: str | None, device: torch.device) -> LLMRecommender:
-    """Registry loader for ``mmrec test --model fusion`` (see :func:`~mmrec.models.llm.base.load_model`)."""
-    return load_model(LLMRecommender, run_dir, checkpoint, device)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -49,8 +48,8 @@ class SIDVocabulary:
     level_sizes: tuple[int, ...]
 
     @classmethod
-    def from_codes(cls, codes: Tensor, codebooks: list[Tensor], source: Path) -> SIDVocabulary:
-        """Check ``assign-sids``' codes (``source`` names the file in errors) and size each level.
+    def from_codes(cls, codes: Tensor, codebooks: list[Tensor], source: str) -> SIDVocabulary:
+        """Check ``assign-sids``' codes (``source`` names them in errors) and size each level.
 
         Quantizer levels take their codebook's size; a disambiguation level takes its largest code + 1.
         The generative head decodes SIDs back to items, so they must be unique.

@@ -1,5 +1,5 @@
-"""Helpers for the LLM recommender tests (no tests here): an ``assign-sids`` folder built directly, a
-small model on the tiny backbone, and a single-thread fixture.
+"""Helpers for the LLM recommender tests: an ``assign-sids`` folder built directly, the catalog tensors of a
+run, small models of both heads on the tiny backbone, and a reference NDCG to check ``mmrec test`` against (the ``single_thread`` fixture is in conftest.py).
 
 The SIDs come from a residual quantization of each modality's embeddings with codebooks drawn from the
 data, so similar items share codes, as real SIDs do, at a fraction of ``fit-quantizer``'s cost.
@@ -7,20 +7,23 @@ data, so similar items share codes, as real SIDs do, at a fraction of ``fit-quan
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pytest
 import torch
 from safetensors.torch import save_file
 
 from mmrec.artifacts import Manifest, stage_output, write_table
 from mmrec.artifacts.schemas import SIDS
-from mmrec.data.prepared import load_modality
+from mmrec.data.prepared import PreparedData, load_modality
+from mmrec.data.recommender_inputs import RecommenderInputs, load_recommender_inputs
+from mmrec.evaluation.registry import load_recommender
 from mmrec.models.llm.backbone import BackboneSpec
+from mmrec.models.llm.base import LLMRecommenderBase
+from mmrec.models.llm.generative import GenerativeRecommender
 from mmrec.models.llm.prompt import PromptSpec
 from mmrec.models.llm.recommender import LLMRecommender
 
@@ -69,26 +72,47 @@ def write_sids(
     return run_dir / "assign-sids"
 
 
-@pytest.fixture(autouse=False)
-def single_thread() -> Iterator[None]:
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's barriers make
-    them 10-100x slower; the tests that use this run single-threaded and restore the setting after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 SHORT_PROMPT = PromptSpec(system=None, instruction="History:", question="Next?")
 """A short prompt keeps the byte-level tiny tokenizer's sequences short (fast tests)."""
+
+
+def run_inputs(run_dir: Path, head: type[LLMRecommenderBase], **hparams: Any) -> RecommenderInputs:
+    """The catalog tensors of ``run_dir`` that ``head`` with ``hparams`` reads, as ``fit-recommender`` loads them."""
+    return load_recommender_inputs(PreparedData(run_dir), head.input_needs(hparams))[0]
 
 
 def tiny_model(run_dir: Path, **overrides: Any) -> LLMRecommender:
     """A small LLMRecommender on the tiny backbone (seeded: the heads' random init is reproducible)."""
     options: dict[str, Any] = {
-        "num_items": 40, "run_dir": str(run_dir), "max_len": 8, "backbone": BackboneSpec(), "prompt": SHORT_PROMPT,
-        "proj_dim": 16, "encoder_hidden": 32,
+        "max_len": 8, "backbone": BackboneSpec(), "prompt": SHORT_PROMPT, "proj_dim": 16, "encoder_hidden": 32,
     }
     options.update(overrides)
     torch.manual_seed(options.pop("seed", 0))
-    return LLMRecommender(**options)
+    return LLMRecommender(run_inputs(run_dir, LLMRecommender, **options), **options)
+
+
+def tiny_generative(run_dir: Path, **overrides: Any) -> GenerativeRecommender:
+    """A GenerativeRecommender on the tiny backbone with a short prompt (seeded)."""
+    options: dict[str, Any] = {"max_len": 8, "prompt": SHORT_PROMPT}
+    options.update(overrides)
+    torch.manual_seed(0)
+    return GenerativeRecommender(run_inputs(run_dir, GenerativeRecommender, **options), **options)
+
+
+def reference_ndcg(run_dir: Path, name: str, k: int = 10) -> float:
+    """NDCG@k on the test split computed apart from ``mmrec test``'s evaluator: the registry's model, one
+    user at a time, ranks by hand (ties pessimistic: a target ranks after every item scored as high)."""
+    model = load_recommender(name, run_dir, None, torch.device("cpu"))
+    histories, targets = PreparedData(run_dir).histories("test")
+    total = 0.0
+    for history, target in zip(histories, targets.tolist()):
+        batch = {"user_idx": torch.zeros(1, dtype=torch.long), "history": torch.from_numpy(history)[None],
+                 "mask": torch.ones(1, len(history), dtype=torch.bool), "target": torch.tensor([target])}
+        if hasattr(model, "score_batch"):
+            scores = model.score_batch(batch)[0].float()
+            rank = int((scores >= scores[target]).sum())
+        else:
+            items = model.topk_batch(batch, k)[0][0].tolist()
+            rank = items.index(target) + 1 if target in items else k + 1
+        total += 1 / np.log2(rank + 1) if rank <= k else 0.0
+    return total / len(targets)

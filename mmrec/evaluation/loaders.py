@@ -1,0 +1,51 @@
+"""The registry's loaders of the baselines; the LLM heads' are in :mod:`mmrec.evaluation.llm_loaders`, apart
+so that evaluating a baseline never imports the LLM stack.
+
+Each loader reads a trained model's folder through :class:`~mmrec.artifacts.RunFolder` and builds the model
+from tensors, so the models never see the run folder. Every loader has the signature
+:data:`mmrec.evaluation.protocol.Loader`: ``(run_dir, checkpoint, device)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mmrec.artifacts import RunFolder, Stage
+from mmrec.data.prepared import PreparedData
+from mmrec.errors import InputError
+from mmrec.models import sasrec
+from mmrec.models.popularity import Popularity
+
+
+def load_popularity(run_dir: Path, checkpoint: str | None, device: torch.device) -> Popularity:
+    """Count the training interactions of ``run_dir``'s prepared data."""
+    if checkpoint is not None:
+        raise InputError("popularity has no checkpoint: it counts the run's training interactions")
+    return Popularity(PreparedData(run_dir).train_item_counts).to(device).eval()
+
+
+def load_sasrec(run_dir: Path, checkpoint: str | None, device: torch.device) -> sasrec.SASRec:
+    """The exported model of ``<run_dir>/fit-collab``, or ``checkpoint`` when given.
+
+    ``checkpoint`` may be a Lightning ``.ckpt`` (e.g. ``fit-collab.work/checkpoints/last.ckpt``) or a
+    ``.safetensors`` file with its ``.json`` beside it. The exported model is refused unless it was trained
+    on the interactions of this run's ``prepare`` stage.
+    """
+    if checkpoint is None:
+        folder = RunFolder(run_dir).open(Stage.FIT_COLLAB, lineage=("items", "interactions"))
+        weights = folder.output("sasrec")
+        model = sasrec.from_files(folder.output("sasrec_config"), weights)
+    else:
+        weights = Path(checkpoint)
+        if not weights.is_file():
+            raise InputError(f"{weights}: checkpoint not found")
+        if weights.suffix == ".ckpt":
+            model = sasrec.from_lightning_checkpoint(weights)
+        elif weights.suffix == ".safetensors":
+            model = sasrec.from_files(weights.with_suffix(".json"), weights)
+        else:
+            raise InputError(f"{weights}: expected a Lightning .ckpt or a .safetensors file")
+    model.checkpoint_path = weights
+    return model.to(device).eval()
