@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from mmrec.artifacts import Manifest
+from mmrec.artifacts.exports import read_quantizer
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.cli import main
 from mmrec.data.datamodules import ItemFeatureDataModule
@@ -48,7 +49,7 @@ def test_fit_quantizer_end_to_end(tiny_run: Path) -> None:
     assert sorted(books) == ["collab.0", "collab.1", "text.0", "text.1"]
     assert all(b.shape == (8, 8) and b.dtype == torch.float32 for b in books.values())
 
-    model = MMRQVAE.load(out)
+    model = MMRQVAE.from_state(*read_quantizer(out))
     assert model.hparams.input_dims == {"collab": 8, "text": 16}
     assert torch.equal(model.codebooks()["text"][1], books["text.1"])
     data = ItemFeatureDataModule(run_dir=str(tiny_run), modalities=["collab", "text"])

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mmrec.artifacts import Manifest
+from mmrec.artifacts.exports import load_llm_checkpoint
 from mmrec.cli import main as mmrec
 from mmrec.data.prepared import load_sids
 from mmrec.errors import InputError, MMRecError
@@ -172,7 +173,7 @@ def test_fit_then_test_generative_end_to_end(sid_run: Path) -> None:
         run_inputs(sid_run, GenerativeRecommender, **hparams), backbone=BackboneSpec(**hparams.pop("backbone")), lora=LoRASpec(**hparams.pop("lora")),
         prompt=PromptSpec(**hparams.pop("prompt")), **hparams,
     )
-    trained_model.load_trained(torch.load(last, map_location="cpu", weights_only=True)["state_dict"], last)
+    load_llm_checkpoint(trained_model, last)
     trained_model.eval()
     items, scores = trained_model.decode(history, mask, 10)
     assert torch.equal(items, exported.decode(history, mask, 10)[0])

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mmrec.artifacts.exports import load_llm_export, save_llm_export
 from mmrec.data.datamodules import left_pad
 from mmrec.data.prepared import load_sids
 from mmrec.models.llm.fusion import FrequencyAwareFusion
@@ -137,7 +138,7 @@ def test_only_the_adapter_and_heads_are_exported_and_reload_to_identical_scores(
     model.eval()
     batch = batch_of([[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]])
     expected = model.score_batch(batch)
-    files = model.export(tmp_path)
+    files = save_llm_export(model, tmp_path)
     adapter = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert adapter and all("lora_" in key for key in adapter)
     heads = load_file(str(tmp_path / "heads.safetensors"))
@@ -147,7 +148,7 @@ def test_only_the_adapter_and_heads_are_exported_and_reload_to_identical_scores(
 
     fresh = tiny_model(sid_run, seed=1).eval()
     assert not torch.allclose(fresh.score_batch(batch), expected)
-    fresh.load_exported(tmp_path)
+    load_llm_export(fresh, tmp_path)
     assert torch.allclose(fresh.score_batch(batch), expected, atol=1e-6)
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from mmrec.artifacts.exports import read_quantizer, save_quantizer
 from mmrec.models.mm_rqvae import MMRQVAE
 from mmrec.models.residual_quantizer import sinkhorn_codes
 
@@ -198,9 +199,9 @@ def test_quantize_is_deterministic_and_returns_the_contract() -> None:
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
     table = synthetic_items(64)
     model = initialised(tiny_model(sinkhorn_last_level=False), table)
-    config, weights = model.save(tmp_path)
+    config, weights = save_quantizer(model, tmp_path)
     assert config.name == "quantizer.json" and weights.name == "quantizer.safetensors"
-    loaded = MMRQVAE.load(tmp_path)
+    loaded = MMRQVAE.from_state(*read_quantizer(tmp_path))
     assert dict(loaded.hparams) == dict(model.hparams)
     for m in DIMS:
         assert torch.equal(loaded.quantize(table)[m], model.quantize(table)[m])

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from mmrec.artifacts import read_table
+from mmrec.artifacts.exports import read_sasrec, save_sasrec
 from mmrec.artifacts.schemas import embeddings_to_numpy
 from mmrec.data.datamodules import left_pad
 from mmrec.errors import InputError
-from mmrec.models.sasrec import SASRec, export, from_files
+from mmrec.models.sasrec import SASRec
 
 NUM_ITEMS = 30
 
@@ -111,11 +112,11 @@ def test_prefix_batches_train_on_the_last_position() -> None:
 
 def test_export_writes_embeddings_and_reloads_the_same_model(tmp_path: Path) -> None:
     sasrec = model(item_bias=True)
-    files = export(sasrec, tmp_path)
+    files = save_sasrec(sasrec, tmp_path)
     matrix, present = embeddings_to_numpy(read_table(files["emb_collab"], "embeddings"), files["emb_collab"])
     assert matrix.shape == (NUM_ITEMS, 16) and present.all()
     assert np.allclose(matrix, sasrec.item_embedding.weight.detach().numpy())
-    reloaded = from_files(files["sasrec_config"], files["sasrec"]).eval()
+    reloaded = SASRec.from_state(*read_sasrec(files["sasrec_config"], files["sasrec"])).eval()
     batch = batch_of([[1, 2, 3], [4]])
     with torch.no_grad():
         assert torch.equal(reloaded.score_batch(batch), sasrec.score_batch(batch))

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from mmrec.artifacts import RunFolder, Stage
+from mmrec.artifacts.exports import ADAPTER_DIR, BACKBONE_DIR, HEADS_FILE, load_llm_checkpoint, load_llm_export
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.artifacts.run import MODALITY_STAGE, SIDS_FILES, StageFolder
 from mmrec.data.prepared import PreparedData
 from mmrec.data.recommender_inputs import load_recommender_inputs
 from mmrec.errors import InputError, LineageError
 from mmrec.models.llm.backbone import TINY, BackboneSpec
-from mmrec.models.llm.base import ADAPTER_DIR, BACKBONE_DIR, HEADS_FILE, SPEC_FORMAT, LLMRecommenderBase
+from mmrec.models.llm.base import SPEC_FORMAT, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender
 from mmrec.models.llm.lora import LoRASpec
 from mmrec.models.llm.prompt import PromptSpec
@@ -92,13 +93,13 @@ def load_llm(
         prompt=PromptSpec(**hparams.pop("prompt")), **hparams,
     )
     if ckpt is not None:
-        model.load_trained(torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"], ckpt)
+        load_llm_checkpoint(model, ckpt)
         model.checkpoint_path = ckpt
     else:
         export.output("heads")
         for name in (ADAPTER_DIR, BACKBONE_DIR):  # recorded where the model has them (LoRA; a tiny backbone)
             if name in export.manifest.outputs:
                 export.output(name)
-        model.load_exported(export.path)
+        load_llm_export(model, export.path)
         model.checkpoint_path = export.path / HEADS_FILE
     return model.to(device).eval()

@@ -13,10 +13,11 @@ from pathlib import Path
 import torch
 
 from mmrec.artifacts import RunFolder, Stage
+from mmrec.artifacts.exports import read_lightning_checkpoint, read_sasrec
 from mmrec.data.prepared import PreparedData
 from mmrec.errors import InputError
-from mmrec.models import sasrec
 from mmrec.models.popularity import Popularity
+from mmrec.models.sasrec import SASRec
 
 
 def load_popularity(run_dir: Path, checkpoint: str | None, device: torch.device) -> Popularity:
@@ -26,7 +27,7 @@ def load_popularity(run_dir: Path, checkpoint: str | None, device: torch.device)
     return Popularity(PreparedData(run_dir).train_item_counts).to(device).eval()
 
 
-def load_sasrec(run_dir: Path, checkpoint: str | None, device: torch.device) -> sasrec.SASRec:
+def load_sasrec(run_dir: Path, checkpoint: str | None, device: torch.device) -> SASRec:
     """The exported model of ``<run_dir>/fit-collab``, or ``checkpoint`` when given.
 
     ``checkpoint`` may be a Lightning ``.ckpt`` (e.g. ``fit-collab.work/checkpoints/last.ckpt``) or a
@@ -36,15 +37,15 @@ def load_sasrec(run_dir: Path, checkpoint: str | None, device: torch.device) -> 
     if checkpoint is None:
         folder = RunFolder(run_dir).open(Stage.FIT_COLLAB, lineage=("items", "interactions"))
         weights = folder.output("sasrec")
-        model = sasrec.from_files(folder.output("sasrec_config"), weights)
+        model = SASRec.from_state(*read_sasrec(folder.output("sasrec_config"), weights))
     else:
         weights = Path(checkpoint)
         if not weights.is_file():
             raise InputError(f"{weights}: checkpoint not found")
         if weights.suffix == ".ckpt":
-            model = sasrec.from_lightning_checkpoint(weights)
+            model = SASRec.from_state(*read_lightning_checkpoint(weights))
         elif weights.suffix == ".safetensors":
-            model = sasrec.from_files(weights.with_suffix(".json"), weights)
+            model = SASRec.from_state(*read_sasrec(weights.with_suffix(".json"), weights))
         else:
             raise InputError(f"{weights}: expected a Lightning .ckpt or a .safetensors file")
     model.checkpoint_path = weights

@@ -21,18 +21,15 @@ from __future__ import annotations
 
 import inspect
 import itertools
-import json
 import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mmrec.errors import InputError
@@ -47,9 +44,6 @@ from mmrec.models.compiled import Compiled
 from mmrec.models.quantizer_losses import info_nce, mk_mmd
 from mmrec.models.residual_quantizer import Quantized, ResidualQuantizer, sinkhorn_codes
 
-QUANTIZER_JSON = "quantizer.json"
-QUANTIZER_WEIGHTS = "quantizer.safetensors"
-FORMAT = "mmrec.mm_rqvae/1"
 DEAD_CODE_STATS = "dead_code_stats"
 """Checkpoint key of the quantizers' usage counts and residual pools (see ``MMRQVAE.on_save_checkpoint``)."""
 
@@ -565,29 +559,15 @@ class MMRQVAE(L.LightningModule):
             self.log(f"{m}/unique", report["unique_tuple_fraction"], prog_bar=True)
         self._tables = {}
 
-    # ------------------------------------------------------------------------------------ save and load
-    def save(self, folder: str | Path) -> tuple[Path, Path]:
-        """Write ``quantizer.json`` (hyperparameters) and ``quantizer.safetensors`` (weights) into ``folder``."""
-        folder = Path(folder)
-        config = folder / QUANTIZER_JSON
-        weights = folder / QUANTIZER_WEIGHTS
+    # ------------------------------------------------------------------------- spec and rebuild
+    def spec(self) -> dict[str, Any]:
+        """The constructor arguments that rebuild this model (``quantizer.json``'s hyperparameters)."""
         accepted = inspect.signature(type(self).__init__).parameters
-        hparams = {k: v for k, v in self.hparams.items() if k in accepted}
-        config.write_text(json.dumps({"format": FORMAT, "hparams": hparams}, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(weights))
-        return config, weights
+        return {k: v for k, v in self.hparams.items() if k in accepted}
 
     @classmethod
-    def load(cls, folder: str | Path, map_location: str | torch.device = "cpu") -> MMRQVAE:
-        """Rebuild a trained quantizer from a stage folder holding ``quantizer.json`` and ``quantizer.safetensors``."""
-        folder = Path(folder)
-        config_path, weights_path = folder / QUANTIZER_JSON, folder / QUANTIZER_WEIGHTS
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise InputError(f"{path}: not found; run `mmrec fit-quantizer` first")
-        config = json.loads(config_path.read_text())
-        if config.get("format") != FORMAT:
-            raise InputError(f"{config_path}: format {config.get('format')!r}, this mmrec reads {FORMAT!r}")
-        model = cls(**config["hparams"])
-        model.load_state_dict(load_file(str(weights_path), device=str(map_location)))
-        return model.to(map_location).eval()
+    def from_state(cls, hparams: dict[str, Any], state: dict[str, Tensor]) -> MMRQVAE:
+        """A trained quantizer, in eval mode, from its spec and state dict (as ``fit-quantizer`` saved them)."""
+        model = cls(**hparams)
+        model.load_state_dict(state)
+        return model.eval()

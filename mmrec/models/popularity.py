@@ -8,8 +8,6 @@ counted). Items with equal counts tie, and ties are ranked pessimistically.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -21,7 +19,6 @@ class Popularity(nn.Module):
     def __init__(self, counts: np.ndarray) -> None:
         super().__init__()
         self.register_buffer("counts", torch.as_tensor(counts, dtype=torch.float32))
-        self.checkpoint_path: Path | None = None
 
     def score_batch(self, batch: dict[str, Tensor]) -> Tensor:
         return self.counts.expand(len(batch["user_idx"]), -1)

@@ -29,28 +29,22 @@ Conventions, and why:
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mmrec.artifacts import Stage, write_table
-from mmrec.artifacts.schemas import embeddings_schema, embeddings_table
+from mmrec.artifacts import Stage
 from mmrec.errors import InputError
 from mmrec.evaluation.metrics import DEFAULT_K, RankingMetrics, target_ranks
 from mmrec.models.compiled import Compiled
 
 STAGE = str(Stage.FIT_COLLAB)
-WEIGHTS, CONFIG, EMBEDDINGS = "sasrec.safetensors", "sasrec.json", "emb_collab.parquet"
-CONFIG_FORMAT = "mmrec.sasrec/1"
 MONITOR = "val/ndcg@10"
 
 
@@ -142,7 +136,6 @@ class SASRec(L.LightningModule):
         self.final_norm = nn.LayerNorm(hidden_size)
         self.item_bias = nn.Parameter(torch.zeros(num_items)) if item_bias else None
         self.val_metrics = RankingMetrics(eval_k)
-        self.checkpoint_path: Path | None = None
         self._compiled: dict[str, Compiled] = {}
         nn.init.normal_(self.item_embedding.weight, std=0.02)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
@@ -235,6 +228,17 @@ class SASRec(L.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, betas=(0.9, 0.98))
 
+    def spec(self) -> dict:
+        """The constructor arguments that rebuild this model (``sasrec.json``'s hyperparameters)."""
+        return constructor_arguments(self.hparams)
+
+    @classmethod
+    def from_state(cls, hparams: dict, state: dict[str, Tensor]) -> SASRec:
+        """A model of these hyperparameters (a spec, or a checkpoint's) holding the tensors of ``state``."""
+        model = cls(**constructor_arguments(hparams))
+        model.load_state_dict(state)
+        return model
+
     def item_embeddings(self) -> np.ndarray:
         """The item embedding table ``[num_items, hidden_size]``: the exported collaborative modality."""
         return self.item_embedding.weight.detach().float().cpu().numpy()
@@ -251,38 +255,3 @@ def pad_left(tensor: Tensor, length: int, fill: float | bool) -> Tensor:
 def constructor_arguments(hparams: dict) -> dict:
     """Hyperparameters without the keys LightningCLI adds for itself (``_instantiator``, ``_class_path``)."""
     return {name: value for name, value in hparams.items() if not name.startswith("_")}
-
-
-def export(model: SASRec, folder: Path) -> dict[str, Path]:
-    """Write weights (safetensors), the hyperparameters that rebuild the model, and ``emb_collab.parquet``."""
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
-    (folder / CONFIG).write_text(json.dumps({"format": CONFIG_FORMAT, "hyperparameters": constructor_arguments(model.hparams)}, indent=2) + "\n")
-    table = model.item_embeddings()
-    write_table(embeddings_table(table, np.ones(len(table), dtype=bool)), folder / EMBEDDINGS, embeddings_schema(table.shape[1]))
-    return {"sasrec": folder / WEIGHTS, "sasrec_config": folder / CONFIG, "emb_collab": folder / EMBEDDINGS}
-
-
-def from_files(config: Path, weights: Path) -> SASRec:
-    """Rebuild a model from ``sasrec.json`` and a safetensors state dict."""
-    try:
-        spec = json.loads(config.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{config}: not a readable SASRec config ({exc})") from None
-    if spec.get("format") != CONFIG_FORMAT:
-        raise InputError(f"{config}: expected format {CONFIG_FORMAT}, found {spec.get('format')}")
-    model = SASRec(**spec["hyperparameters"])
-    model.load_state_dict(load_file(str(weights)))
-    return model
-
-
-def from_lightning_checkpoint(path: Path) -> SASRec:
-    """Rebuild a model from a training checkpoint of ``fit-collab.work/checkpoints`` (tensors only, no pickle)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 (torch raises several types for a corrupt or foreign file)
-        raise InputError(f"{path}: not a readable Lightning checkpoint ({exc})") from None
-    model = SASRec(**constructor_arguments(checkpoint["hyper_parameters"]))
-    model.load_state_dict(checkpoint["state_dict"])
-    return model
-

@@ -15,6 +15,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from torch import nn
 
 from mmrec.artifacts import RunFolder, Stage, stage_output, write_table
+from mmrec.artifacts.exports import read_quantizer
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.artifacts.run import StageFolder, load_codebooks, save_codebooks
 from mmrec.artifacts.schemas import SIDS
@@ -41,7 +42,7 @@ def open_quantizer_folder(run_dir: str | Path, quantizer_dir: str | Path | None 
 
 def load_quantizer(folder: Path) -> nn.Module:
     """The trained multimodal RQ-VAE of a ``fit-quantizer`` folder, on the CPU, in eval mode."""
-    return MMRQVAE.load(folder, map_location="cpu").eval()
+    return MMRQVAE.from_state(*read_quantizer(folder))
 
 
 class AssignSIDsCLI(StageCLI):

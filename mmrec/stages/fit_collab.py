@@ -18,14 +18,9 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
 from mmrec.artifacts import stage_output
+from mmrec.artifacts.exports import read_lightning_checkpoint, save_sasrec
 from mmrec.data.datamodules import SequenceDataModule
-from mmrec.models.sasrec import (
-    MONITOR,
-    STAGE,
-    SASRec,
-    export,
-    from_lightning_checkpoint,
-)
+from mmrec.models.sasrec import MONITOR, STAGE, SASRec
 from mmrec.stages.lightning_cli import StageCLI
 
 
@@ -68,7 +63,7 @@ def main(argv: list[str]) -> None:
     resumed_from, fit_seconds = cli.fit()
 
     best = cli.best_checkpoint
-    model = from_lightning_checkpoint(Path(best)) if best else cli.model
+    model = SASRec.from_state(*read_lightning_checkpoint(Path(best))) if best else cli.model
     best_val = trainer.validate(model, datamodule=data, verbose=False)[0]
     if not trainer.is_global_zero:
         return
@@ -82,7 +77,7 @@ def main(argv: list[str]) -> None:
         "peak_gpu_memory_gib": peak_gpu_memory_gib(trainer.strategy.root_device),
     }
     with stage_output(cli.run_dir, STAGE, manifest) as out:
-        for name, path in export(model, out).items():
+        for name, path in save_sasrec(model, out).items():
             manifest.add_output(name, path, rows=prepared.num_items if name == "emb_collab" else None)
     print(
         f"fit-collab: best {MONITOR} = {best_val.get(MONITOR, float('nan')):.4f} "

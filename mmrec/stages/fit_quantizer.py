@@ -8,7 +8,7 @@ epoch, identical to ``last.ckpt``), not a "best" checkpoint: dead-code re-seedin
 ones with the best code usage, and no single validation number ranks quantizers fairly.
 
 Outputs in ``<run_dir>/fit-quantizer/``: ``quantizer.safetensors`` and ``quantizer.json`` (reload with
-``MMRQVAE.load``), ``codebooks.safetensors`` (``"<modality>.<level>"`` -> ``[K, code_dim]`` float32) and
+``MMRQVAE.from_state(*read_quantizer(folder))``), ``codebooks.safetensors`` (``"<modality>.<level>"`` -> ``[K, code_dim]`` float32) and
 ``manifest.json`` whose ``extra`` holds the final code-quality metrics over the whole item table.
 """
 
@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 
 from mmrec.artifacts import Stage, stage_output, work_dir
+from mmrec.artifacts.exports import save_quantizer
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.artifacts.run import save_codebooks
 from mmrec.data.datamodules import ItemFeatureDataModule
@@ -73,7 +74,7 @@ def main(argv: list[str]) -> None:
         "resumed_from": resumed_from,
     }
     with stage_output(cli.run_dir, STAGE, manifest) as out:
-        config_path, weights_path = model.save(out)
+        config_path, weights_path = save_quantizer(model, out)
         save_codebooks(model.codebooks(), out / CODEBOOKS)
         manifest.add_output("quantizer", weights_path)
         manifest.add_output("quantizer_config", config_path)

@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.strategies import FSDPStrategy
 
 from mmrec.artifacts import stage_output
+from mmrec.artifacts.exports import save_llm_export
 from mmrec.callbacks.throughput import TrainingThroughput
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.data.recommender_inputs import RecommenderInputs
@@ -98,7 +99,7 @@ def main(argv: list[str]) -> None:
     throughput = meter.summary()
     manifest.extra = {**cli.fit_summary(best_val, resumed_from, fit_seconds), **throughput}
     with stage_output(cli.run_dir, model.export_folder, manifest) as out:
-        for name, path in model.export(out, trained).items():
+        for name, path in save_llm_export(model, out, trained).items():
             manifest.add_output(name, path)
     print(
         f"{STAGE} ({model.head} head): best {MONITOR} = {best_val.get(MONITOR, float('nan')):.4f} after {trainer.current_epoch} epochs "

@@ -17,13 +17,11 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, is_dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,17 +31,13 @@ from mmrec.errors import InputError, MMRecError
 from mmrec.evaluation.metrics import RankingMetrics
 from mmrec.models.compiled import Compiled
 from mmrec.models.llm.backbone import TINY, BackboneSpec
-from mmrec.models.llm.lora import LoRASpec, add_lora, load_adapter_weights
+from mmrec.models.llm.lora import LoRASpec, add_lora, set_adapter_state
 from mmrec.models.llm.prompt import PromptSpec, prompt_token_ids
 
 DEFAULT_BACKBONE, DEFAULT_LORA = BackboneSpec(), LoRASpec()  # frozen: safe defaults
 STAGE = str(Stage.FIT_RECOMMENDER)
 SPEC_FORMAT = "mmrec.llm-recommender/2"
 """``recommender.json``'s format; /2 records ``num_items`` beside the hyperparameters, /1 (still read) inside them."""
-SPEC_FILE = "recommender.json"
-HEADS_FILE = "heads.safetensors"
-ADAPTER_DIR = "adapter"
-BACKBONE_DIR = "backbone"
 MONITOR = "val/ndcg@10"
 _TOKEN_ROWS = "trainable_tokens_delta"  # peft's name for the trained rows of new tokens
 _FSDP_WRAPPERS = re.compile(r"_(?:fsdp|checkpoint)_wrapped_module\.")  # FSDP's and activation checkpointing's
@@ -64,7 +58,7 @@ class LLMRecommenderBase(L.LightningModule):
     """
 
     head: ClassVar[str]
-    """The value of ``recommender.json``'s ``head``: which class ``load`` must rebuild."""
+    """The value of ``recommender.json``'s ``head``: which class the loader must rebuild."""
     export_folder: ClassVar[str]
     """The run-directory folder the stage exports this head to, so both heads' exports can sit side by side."""
     trained_prefixes: ClassVar[tuple[str, ...]] = ()
@@ -82,7 +76,6 @@ class LLMRecommenderBase(L.LightningModule):
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.num_items = inputs.num_items
         self.val_metrics = RankingMetrics(sorted(set(ks) | {10}))  # NDCG@10 picks the best checkpoint
-        self.checkpoint_path: Path | None = None
 
     def _attach_backbone(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, lora: LoRASpec, prompt: PromptSpec,
@@ -198,17 +191,10 @@ class LLMRecommenderBase(L.LightningModule):
         if missing:
             raise InputError(f"checkpoint lacks trained tensors of this model (e.g. {min(missing)}); was it written by another configuration?")
 
-    def load_trained(self, state: dict[str, Tensor], source: str | Path) -> None:
-        """Load trained tensors (a checkpoint's ``state_dict``), refusing one that lacks any of them."""
-        missing = self.trainable_names() - set(state)
-        if missing:
-            raise InputError(f"{source}: lacks trained tensors of this model (e.g. {min(missing)})")
-        self.load_state_dict(state, strict=False)
-
-    # ---- export and reload -------------------------------------------------------------------------
+    # ---- export and reload: the spec and tensors that mmrec.artifacts.exports writes and reads ----------
 
     def spec(self) -> dict[str, Any]:
-        """Everything ``load`` needs to rebuild this model (``recommender.json``)."""
+        """Everything the loader (``mmrec.evaluation.llm_loaders``) needs to rebuild this model (``recommender.json``)."""
         arguments = set(inspect.signature(type(self).__init__).parameters) - {"self", "inputs"}
         hparams = {key: value for key, value in self.hparams.items() if key in arguments}
         return {
@@ -222,38 +208,29 @@ class LLMRecommenderBase(L.LightningModule):
             "backbone_parameters": self.backbone_parameters,
         }
 
-    def _heads(self, trained: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def heads_state(self, trained: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """The tensors of ``heads.safetensors``: from ``trained`` (a full state dict) or the live parameters."""
         source = trained if trained is not None else dict(self.named_parameters())
         keep = self.trainable_names()
         return {k: v.detach().cpu().contiguous() for k, v in source.items() if k.startswith(self.exported_prefixes) and k in keep}
 
-    def export(self, folder: Path, trained: dict[str, Tensor] | None = None) -> dict[str, Path]:
-        """Write adapter, heads, spec (and a ``tiny`` backbone) into ``folder``; return them by manifest name.
+    def adapter_state(self, trained: dict[str, Tensor] | None = None) -> dict[str, Tensor] | None:
+        """The backbone's tensors, named as peft's ``save_pretrained`` takes them, from ``trained`` (a full
+        state dict, where the live parameters are FSDP shards); None lets peft read the live adapter."""
+        return None if trained is None else {k.removeprefix("lm."): v for k, v in trained.items() if k.startswith("lm.")}
 
-        ``trained``: the model's full state dict (``Strategy.lightning_module_state_dict()``), needed where the
-        live parameters are shards of it (FSDP); None reads the live parameters.
+    def load_adapter_state(self, state: dict[str, Tensor]) -> list[str]:
+        """Load a saved adapter's tensors; return the names that do not fit this model's adapter (none: loaded)."""
+        return set_adapter_state(self.lm, state)
+
+    def standalone_backbone(self) -> PreTrainedModel | None:
+        """The backbone without adapters when it exists nowhere else (the random ``tiny`` one), so that the
+        export can carry it and the reload rebuild it; None for a backbone that is rebuilt from its source.
+
+        The new token rows keep their initial values (the adapter holds their trained values).
         """
-        files = {}
-        if isinstance(self.lm, PeftModel):
-            adapter = None if trained is None else {k.removeprefix("lm."): v for k, v in trained.items() if k.startswith("lm.")}
-            self.lm.save_pretrained(str(folder / ADAPTER_DIR), state_dict=adapter)
-            files[ADAPTER_DIR] = folder / ADAPTER_DIR
-        save_file(self._heads(trained), str(folder / HEADS_FILE))
-        files["heads"] = folder / HEADS_FILE
-        if self.hparams.backbone["name_or_path"] == TINY:
-            self._save_tiny_backbone(folder / BACKBONE_DIR)
-            files[BACKBONE_DIR] = folder / BACKBONE_DIR
-        (folder / SPEC_FILE).write_text(json.dumps(self.spec(), indent=2) + "\n")
-        files["recommender"] = folder / SPEC_FILE
-        return files
-
-    def _save_tiny_backbone(self, folder: Path) -> None:
-        """A random backbone exists nowhere else: save it (a few hundred KB) so ``load`` can rebuild it.
-
-        Saved without adapters and with the tokenizer as built (new token rows at their initial values; the
-        adapter holds their trained values).
-        """
+        if self.hparams.backbone["name_or_path"] != TINY:
+            return None
         base = self.base_model()
         state = {
             _WRAPPED.sub(".", key): value for key, value in base.state_dict().items()
@@ -261,16 +238,4 @@ class LLMRecommenderBase(L.LightningModule):
         }
         clean = type(base)(base.config)
         clean.load_state_dict(state, strict=True)  # every backbone tensor, or an error: never a random one saved
-        clean.save_pretrained(str(folder))
-        self.tokenizer.save_pretrained(str(folder))
-
-    def load_exported(self, folder: Path) -> None:
-        """Load the adapter and heads that :meth:`export` wrote."""
-        if isinstance(self.lm, PeftModel):
-            load_adapter_weights(self.lm, folder / ADAPTER_DIR)
-        heads = load_file(str(folder / HEADS_FILE))
-        expected = set(self._heads())
-        if set(heads) != expected:
-            odd = min(set(heads) ^ expected)
-            raise InputError(f"{folder / HEADS_FILE}: does not match {folder / SPEC_FILE} (tensor '{odd}')")
-        self.load_state_dict(heads, strict=False)
+        return clean

@@ -7,15 +7,12 @@ Only the adapter is trained and saved (peft's own format, ``adapter_model.safete
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model, set_peft_model_state_dict
-from safetensors.torch import load_file
+from torch import Tensor
 from transformers import PreTrainedModel
 
 from mmrec.errors import InputError
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -58,12 +55,10 @@ def add_lora(
         raise InputError(f"model.lora.target_modules {list(spec.target_modules)}: {exc}") from None
 
 
-def load_adapter_weights(model: PeftModel, folder: Path) -> None:
-    """Load adapter weights saved by ``save_pretrained`` into an adapter built from the same spec."""
-    path = folder / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise InputError(f"{path}: adapter weights not found")
-    result = set_peft_model_state_dict(model, load_file(str(path)))
+def set_adapter_state(model: PeftModel, state: dict[str, Tensor]) -> list[str]:
+    """Load adapter tensors saved by ``save_pretrained`` into an adapter built from the same spec; return the
+    names that do not fit it (missing adapter tensors first, then unexpected ones), empty when all loaded."""
+    result = set_peft_model_state_dict(model, state)
     # A tied output layer shares its trainable-token rows with the input embedding: loaded through the latter.
     params = dict(model.named_parameters(remove_duplicate=False))
     absent = set(result.missing_keys)
@@ -72,5 +67,4 @@ def load_adapter_weights(model: PeftModel, folder: Path) -> None:
         key for key in result.missing_keys
         if ("lora_" in key or "trainable_tokens_delta" in key) and id(params.get(key)) not in loaded
     ]
-    if missing or result.unexpected_keys:
-        raise InputError(f"{path}: does not match the adapter in recommender.json (e.g. {(missing or result.unexpected_keys)[0]})")
+    return missing + list(result.unexpected_keys)
