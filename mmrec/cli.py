@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "assign-sids": ("mmrec.stages.assign_sids", "map every item to its semantic ID per modality; SID quality report"),
     "fit-recommender": ("mmrec.stages.fit_recommender", "fine-tune the LLM recommender (LoRA) on SIDs and embeddings"),
     "test": ("mmrec.stages.test", "evaluate a trained model: full-ranking Recall/NDCG@K and MRR"),
+    "compare": ("mmrec.stages.compare", "paired significance between test folders: CI and p-values per metric"),
     "pipeline": ("mmrec.stages.pipeline", "run the stages a pipeline YAML names, skipping those already up to date"),
     "recommend": ("mmrec.stages.recommend", "top-K items for a user, an ad-hoc history or a file of users"),
     "report": ("mmrec.stages.report", "one self-contained HTML report of a run: data, metrics, SIDs, curves"),

@@ -8,8 +8,10 @@ Every source goes through the same steps, in this order:
    order); users are taken in order of first appearance in the input;
 3. the k-core filter runs to its fixed point; then each user keeps the ``max_history`` most recent
    interactions; then users with fewer than 3 interactions, which leave-one-out cannot split, are dropped;
-4. users and items are numbered 0.. in order of first appearance in the filtered sequences (for Beauty
-   this reproduces the S3-Rec/TIGER ``Beauty.txt`` numbering, minus 1) and split leave-one-out;
+4. items are numbered 0.. in order of first appearance in the filtered sequences (for Beauty this
+   reproduces the S3-Rec/TIGER ``Beauty.txt`` numbering, minus 1); with ``split.new_items``, a seeded share of
+   them becomes new (:func:`~mmrec.data.split.hold_out_new_items`: kept only as test targets, users then too
+   short dropped); users are numbered in order of first appearance and split leave-one-out;
 5. item texts are rendered and embedded, image embeddings encoded or aligned.
 
 Nothing here writes: the stage writes the result only once all of it exists, so a bad input leaves no
@@ -31,7 +33,7 @@ from mmrec.data.image_embeddings import ImageOptions
 from mmrec.data.item_text import render_texts
 from mmrec.data.modality_embeddings import image_modality, text_modality
 from mmrec.data.sources import RawData
-from mmrec.data.split import MIN_SPLIT_LENGTH, leave_one_out
+from mmrec.data.split import MIN_SPLIT_LENGTH, SplitOptions, hold_out_new_items, leave_one_out
 from mmrec.data.text_embeddings import TextOptions
 from mmrec.errors import InputError
 
@@ -47,8 +49,15 @@ class Prepared:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-def build_prepared(raw: RawData, filters: FilterOptions, text: TextOptions, image: ImageOptions | None) -> Prepared:
-    """Everything but the writing: filter, order, number, split, render texts, embed."""
+def build_prepared(
+    raw: RawData,
+    filters: FilterOptions,
+    text: TextOptions,
+    image: ImageOptions | None,
+    split_options: SplitOptions = SplitOptions(),  # noqa: B008 (frozen, so safe to share)
+    seed: int = 0,
+) -> Prepared:
+    """Everything but the writing: filter, order, number, hold out new items, split, render texts, embed."""
     frame = raw.interactions
     raw_users, raw_items = int(frame["user_id"].nunique()), int(frame["item_id"].nunique())
     summary: dict[str, Any] = {"raw": {"users": raw_users, "items": raw_items, "interactions": len(frame)}}
@@ -59,8 +68,15 @@ def build_prepared(raw: RawData, filters: FilterOptions, text: TextOptions, imag
             f"{raw.interactions_name}: no user has {MIN_SPLIT_LENGTH} or more interactions after filtering "
             f"(filters: {asdict(filters)})"
         )
-    user_idx, user_ids = pd.factorize(frame["user_id"])
     item_idx, item_ids = pd.factorize(frame["item_id"])
+    keep, new_items = hold_out_new_items(
+        pd.factorize(frame["user_id"])[0], item_idx, len(item_ids), split_options.new_items, seed
+    )
+    held_out, users_before = int((~keep).sum()), int(frame["user_id"].nunique())
+    frame, item_idx = frame[keep], item_idx[keep]
+    if frame.empty:
+        raise InputError(f"split.new_items {split_options.new_items}: no user keeps {MIN_SPLIT_LENGTH} interactions")
+    user_idx, user_ids = pd.factorize(frame["user_id"])
     position, split = leave_one_out(user_idx)
     item_ids = [str(item) for item in item_ids]
     texts = render_texts(raw.items, item_ids, text.template, raw.text_columns)
@@ -101,6 +117,14 @@ def build_prepared(raw: RawData, filters: FilterOptions, text: TextOptions, imag
         "items": raw_items - items,
     }
     summary["filters"] = asdict(filters)
+    summary["split"] = {
+        "new_items": split_options.new_items,
+        "new_item_count": len(new_items),
+        "new_item_idx": new_items.tolist(),
+        "new_test_targets": int(np.isin(item_idx[split == "test"], new_items).sum()),
+        "held_out_interactions": held_out,
+        "dropped_users": users_before - len(user_ids),  # left too short to split once new items went
+    }
     if text.enabled:
         embedded = text_modality(texts, text)
         result.embeddings["text"] = (embedded.matrix, embedded.present)

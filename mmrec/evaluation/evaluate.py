@@ -31,10 +31,15 @@ from mmrec.evaluation.topk import top_by_list, top_by_scores
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Metrics over all evaluated users, their top-K lists, and how they were obtained."""
+    """Metrics over all evaluated users, their top-K lists, and how they were obtained.
+
+    ``ranks`` holds each user's target rank, aligned with the rows of ``predictions`` (``user_idx`` order), so
+    metrics over any subset of users (slices) come from the very ranks the overall figures did.
+    """
 
     metrics: dict[str, float]
     predictions: pa.Table
+    ranks: np.ndarray
     n_users: int
     ranking: str
     seconds: float
@@ -124,16 +129,17 @@ def evaluate(
             batch = {name: value.to(device) for name, value in batch.items()}
             ranks, items, scores = rank(model, batch, top, num_items, mask_history)
             metric.update(ranks)
-            parts.append(tuple(t.cpu() for t in (batch["user_idx"], batch["target"], items, scores)))
+            parts.append(tuple(t.cpu() for t in (batch["user_idx"], batch["target"], items, scores, ranks)))
     if not parts:
         raise InputError("no users to evaluate")
     values = {name: float(value) for name, value in metric.compute().items()}
-    users, targets, items, scores = (torch.cat(column).numpy() for column in zip(*parts))
+    users, targets, items, scores, ranks = (torch.cat(column).numpy() for column in zip(*parts))
     order = np.argsort(users, kind="stable")
-    users, targets, items, scores = users[order], targets[order], items[order], scores[order]
+    users, targets, items, scores, ranks = users[order], targets[order], items[order], scores[order], ranks[order]
     return Evaluation(
         metrics=values,
         predictions=predictions_table(users, targets, items, scores),
+        ranks=ranks,
         n_users=len(users),
         ranking="scores" if by_scores else "top-k list",
         seconds=time.perf_counter() - start,

@@ -18,6 +18,7 @@ from mmrec import __version__
 from mmrec.artifacts.manifest import path_sha256
 from mmrec.data.prepared import PreparedData
 from mmrec.evaluation.evaluate import Evaluation
+from mmrec.evaluation.slices import SliceSpec, slice_metrics
 
 
 def device_name(device: torch.device) -> str:
@@ -72,16 +73,24 @@ def metrics_document(
     device: torch.device,
     wall_time_s: float,
     precision: str = "32",
+    slices: SliceSpec | None = None,
 ) -> dict[str, Any]:
-    """The content of ``metrics.json``."""
+    """The content of ``metrics.json``; with ``slices``, the metrics per slice and how the slices were cut."""
+    sliced: dict[str, Any] = {}
+    proto = protocol(evaluation, k, mask_history)
+    if slices is not None:
+        proto["slices"] = slices.record()
+        users = evaluation.predictions.column("user_idx").to_numpy()
+        sliced["slices"] = slice_metrics(slices, users, evaluation.ranks, k)
     return {
         "dataset": dataset_summary(prepared),
         "model": model,
         "checkpoint": None if checkpoint is None else {"path": str(checkpoint.resolve()), "sha256": path_sha256(checkpoint)},
         "split": split,
-        "protocol": protocol(evaluation, k, mask_history),
+        "protocol": proto,
         "n_users": evaluation.n_users,
         "metrics": evaluation.metrics,
+        **sliced,
         "eval_seconds": round(evaluation.seconds, 3),
         "wall_time_s": round(wall_time_s, 3),
         "device": device_name(device),
@@ -102,4 +111,20 @@ def format_table(document: dict[str, Any]) -> str:
         *(f"{k:>4}  {metrics[f'recall@{k}']:>8.4f}  {metrics[f'ndcg@{k}']:>8.4f}" for k in proto["k"]),
         f"{'MRR':>4}  {metrics['mrr']:>8.4f}" + ("" if proto["mrr_cutoff"] is None else f"  (truncated at {proto['mrr_cutoff']})"),
     ]
+    if "slices" in document:
+        lines += ["", format_slices(document["slices"], proto["k"])]
     return "\n".join(lines)
+
+
+def format_slices(slices: dict[str, dict[str, float | int]], k: list[int]) -> str:
+    """One row per slice (users, R@K and N@K for each K, MRR); a slice without users shows dashes."""
+    names = [name for cutoff in k for name in (f"recall@{cutoff}", f"ndcg@{cutoff}")] + ["mrr"]
+    width = max(len("slice"), *(len(slice_name) for slice_name in slices))
+    labels = [name.replace("recall", "R").replace("ndcg", "N").replace("mrr", "MRR") for name in names]
+    header = f"{'slice':<{width}}  {'users':>6}" + "".join(f"  {label:>7}" for label in labels)
+    rows = [
+        f"{slice_name:<{width}}  {values['users']:>6,}"
+        + "".join(f"  {values[name]:>7.4f}" if name in values else f"  {'-':>7}" for name in names)
+        for slice_name, values in slices.items()
+    ]
+    return "\n".join([header, *rows])

@@ -24,7 +24,7 @@ from mmrec.data.filters import FilterOptions
 from mmrec.data.image_embeddings import ImageOptions
 from mmrec.data.preparation import Prepared, build_prepared
 from mmrec.data.sources import Source, Synthetic
-from mmrec.data.split import MIN_SPLIT_LENGTH
+from mmrec.data.split import MIN_SPLIT_LENGTH, SplitOptions
 from mmrec.data.text_embeddings import TextOptions
 from mmrec.errors import InputError, MMRecError
 
@@ -42,6 +42,7 @@ def prepare(
     filters: FilterOptions = FilterOptions(),  # noqa: B008 (frozen, so safe to share)
     text: TextOptions = TextOptions(),  # noqa: B008 (frozen, so safe to share)
     image: ImageOptions | None = None,
+    split: SplitOptions = SplitOptions(),  # noqa: B008 (frozen, so safe to share)
     record: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Turn raw interactions and item content into items, users, interactions (leave-one-out) and item
@@ -55,17 +56,20 @@ def prepare(
         filters: k-core, history length and unknown-item policy.
         text: item text template and text embeddings.
         image: image embeddings; ``null`` for none (or the source's own, e.g. synthetic image vectors).
+        split: the new-item protocol (``split.new_items``: share of items kept out of training, drawn with
+            ``seed``); leave-one-out otherwise.
         record: the configuration to record in the manifest (the command line passes its resolved one).
 
     Returns:
         The summary stored in ``manifest.extra``.
     """
-    arguments = {"source": source, "run_dir": run_dir, "seed": seed, "filters": filters, "text": text, "image": image}
-    check_options(source, seed, filters, text, image)
+    arguments = {"source": source, "run_dir": run_dir, "seed": seed, "filters": filters, "text": text, "image": image,
+                 "split": split}
+    check_options(source, seed, filters, text, image, split)
     check_input_paths([*source.input_paths(), *text.input_paths(), *(image.input_paths() if image else [])])
     check_output_folder("run_dir", run_dir)
     raw = source.load(seed)
-    prepared = build_prepared(raw, filters, text, image)
+    prepared = build_prepared(raw, filters, text, image, split, seed)
     manifest = Manifest(stage=STAGE, config=record if record is not None else _describe(arguments), seed=seed)
     for name, path in raw.files.items():
         manifest.add_input(name, path)
@@ -82,14 +86,17 @@ def prepare(
 
 
 def check_options(
-    source: Source, seed: int, filters: FilterOptions, text: TextOptions, image: ImageOptions | None
+    source: Source, seed: int, filters: FilterOptions, text: TextOptions, image: ImageOptions | None,
+    split: SplitOptions,
 ) -> None:
     """Values that are wrong whatever the data, checked before anything is read."""
     check_seed(seed)
-    for option, value, kind in (("source", source, Source), ("filters", filters, FilterOptions), ("text", text, TextOptions)):
+    for option, value, kind in (("source", source, Source), ("filters", filters, FilterOptions), ("text", text, TextOptions),
+                                ("split", split, SplitOptions)):
         if not isinstance(value, kind):
             raise InputError(f"{option} must be set (a {kind.__name__}), got {value!r}")
     filters.check()
+    split.check()
     text.check()
     if image is not None:
         image.check()
@@ -133,6 +140,13 @@ def report(folder: Path, summary: dict[str, Any]) -> str:
             f"{dropped['history_interactions']:,} beyond max_history"
         ),
     ]
+    held = summary["split"]
+    if held["new_item_count"]:
+        lines.append(
+            f"  new items: {held['new_item_count']:,} ({held['new_items']:.0%}) kept out of training, "
+            f"{held['new_test_targets']:,} are test targets; {held['held_out_interactions']:,} interactions and "
+            f"{held['dropped_users']:,} users too short to split dropped"
+        )
     text = summary["text"]
     if text["enabled"]:
         cache = "cache hit" if text["cache_hit"] else "computed" + (", cached" if text["cache_file"] else "")
@@ -202,6 +216,7 @@ def main(argv: list[str]) -> None:
         filters=init.filters,
         text=init.text,
         image=init.image,
+        split=init.split,
         record=record.as_dict(),
     )
 

@@ -23,6 +23,7 @@ from mmrec.evaluation.metrics import DEFAULT_K
 from mmrec.evaluation.protocol import checkpoint_of
 from mmrec.evaluation.registry import load_recommender
 from mmrec.evaluation.report import format_table, metrics_document
+from mmrec.evaluation.slices import DEFAULT_HISTORY_BUCKETS, DEFAULT_SHARES, SliceSpec, check_spec
 
 STAGE = "test"
 
@@ -47,6 +48,9 @@ def test(
     device: Literal["auto", "cpu", "cuda"] = "auto",
     checkpoint: str | None = None,
     precision: Literal["auto", "32", "bf16"] = "auto",
+    slices: bool = False,
+    slice_shares: list[float] = list(DEFAULT_SHARES),  # noqa: B006 (jsonargparse needs a literal default)
+    history_buckets: list[int] = list(DEFAULT_HISTORY_BUCKETS),  # noqa: B006
 ) -> dict:
     """Evaluate a trained model: full-ranking Recall@K, NDCG@K and MRR on one split.
 
@@ -61,12 +65,22 @@ def test(
         checkpoint: evaluate these weights instead of the run's exported model.
         precision: ``bf16`` runs the model under bf16 autocast (scores stay float32), ``32`` as loaded;
             ``auto``: bf16 on a GPU (where the LLM heads decode several times faster), 32 on a CPU.
+        slices: also report every metric per slice of the users (target popularity head/torso/tail, new
+            targets, history length buckets; :mod:`mmrec.evaluation.slices`) under ``"slices"``.
+        slice_shares: cumulative shares of training interactions where head ends and torso ends.
+        history_buckets: lower bounds of the history length buckets (``[1, 5, 10]``: 1-4, 5-9, 10+).
     """
     start = time.perf_counter()
+    if slices:  # a bad specification fails before the model is loaded, not after a long evaluation
+        check_spec(slice_shares, history_buckets)
     torch_device = resolve_device(device)
     recommender = load_recommender(model, run_dir, checkpoint, torch_device)
     loader, data = split_loader(run_dir, split, batch_size)
     prepared = data.prepared
+    spec = None
+    if slices:
+        histories, targets = prepared.histories(split)
+        spec = SliceSpec.build(prepared.train_item_counts, histories, targets, slice_shares, history_buckets)
     bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda")
     evaluation = evaluate(
         recommender, loader, prepared.num_items, k, mask_history, torch_device, progress=True,
@@ -75,13 +89,14 @@ def test(
     document = metrics_document(
         prepared=prepared, model=model, checkpoint=checkpoint_of(recommender), split=split, k=k,
         mask_history=mask_history, evaluation=evaluation, device=torch_device, wall_time_s=time.perf_counter() - start,
-        precision="bf16" if bf16 else "32",
+        precision="bf16" if bf16 else "32", slices=spec,
     )
     manifest = Manifest(
         stage=STAGE,
         config={"run_dir": run_dir, "model": model, "split": split, "mask_history": mask_history, "k": k,
                 "batch_size": batch_size, "device": device, "checkpoint": checkpoint,
-                "precision": "bf16" if bf16 else "32"},
+                "precision": "bf16" if bf16 else "32", "slices": slices, "slice_shares": slice_shares,
+                "history_buckets": history_buckets},
         extra={"metrics": evaluation.metrics},
     )
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)

@@ -1,0 +1,87 @@
+"""``mmrec compare``: paired significance between ``mmrec test`` folders of one split and protocol.
+
+    mmrec compare RUN/test/sasrec-test RUN/test/fusion-test [RUN/test/generative-test ...]
+    mmrec compare --baseline R42/test/sasrec-valid R43/test/sasrec-valid --candidate R42/test/fusion-valid R43/test/fusion-valid
+
+The first folder (or the ``--baseline`` group, several seeds of one model) is the baseline; each other folder
+(or the ``--candidate`` group) is compared with it. Wiring only: the statistics live in
+:mod:`mmrec.evaluation.compare`. Prints a table and writes the result as JSON, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from argparse import SUPPRESS
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+
+from mmrec.errors import InputError
+from mmrec.evaluation.compare import compare as compare_folders
+from mmrec.evaluation.compare import format_comparison
+
+
+def default_output(baseline: list[str], candidates: list[list[str]]) -> Path:
+    """``<first folder's parent>/compare-<baseline name>-vs-<candidate names>.json``."""
+    names = [Path(baseline[0]).name, *(Path(side[0]).name for side in candidates)]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-vs-".join(names))
+    return Path(baseline[0]).resolve().parent / f"compare-{slug}.json"
+
+
+def write_atomically(path: Path, document: dict[str, Any]) -> None:
+    """Write beside the target and rename, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def compare(
+    folders: list[str], baseline: list[str], candidate: list[str], k: int | None = None, bootstrap: int = 10_000,
+    seed: int = 0, output: str | None = None,
+) -> dict[str, Any]:
+    """Paired significance of each candidate against the baseline.
+
+    Args:
+        folders: test folders; the first is the baseline, each other is a candidate.
+        baseline: instead of positional folders: the baseline's folders, one per seed.
+        candidate: with --baseline: the candidate's folders, one per seed.
+        k: cutoff of Recall@K and NDCG@K; default 10 when the folders measured it, else their largest K.
+        bootstrap: paired bootstrap resamples for the 95% confidence interval.
+        seed: seed of the bootstrap resampling, so the interval is reproducible.
+        output: JSON file to write; default ``<first folder's parent>/compare-<names>.json``.
+    """
+    if folders and (baseline or candidate):
+        raise InputError("give either positional folders or --baseline/--candidate, not both")
+    if (baseline or candidate) and not (baseline and candidate):
+        raise InputError("--baseline and --candidate go together, each with one or more test folders")
+    base, sides = (baseline, [candidate]) if baseline else (folders[:1], [[folder] for folder in folders[1:]])
+    result = compare_folders(base, sides, k, bootstrap, seed)
+    path = Path(output) if output else default_output(base, sides)
+    write_atomically(path, result)
+    print(format_comparison(result))
+    print(f"wrote {path}")
+    return result
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="mmrec compare", description=__doc__.splitlines()[0], exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML of these options (repeatable; later wins)")
+    parser.add_argument("folders", nargs="*", default=SUPPRESS, help="test folders; the first is the baseline")
+    # SUPPRESS: an empty positional list would otherwise overwrite the ``folders`` of a --config file
+    parser.add_argument("--baseline", nargs="+", default=[], help="the baseline's test folders, one per seed")
+    parser.add_argument("--candidate", nargs="+", default=[], help="the candidate's test folders, one per seed")
+    parser.add_function_arguments(compare, skip={"folders", "baseline", "candidate"})
+    return parser
+
+
+def main(argv: list[str]) -> None:
+    try:
+        config = build_parser().parse_args(argv)
+    except ArgumentError as exc:
+        raise InputError(f"{' '.join(str(exc).split())} (mmrec compare --help lists the options)") from None
+    options = {key: config[key] for key in ("baseline", "candidate", "k", "bootstrap", "seed", "output")}
+    compare(config.get("folders") or [], **options)  # positional folders are SUPPRESSed when absent, so a config's list survives
