@@ -26,7 +26,7 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from mmrec.models.llm.backbone import BackboneSpec
+from mmrec.models.llm.backbone import BackboneSpec, load_backbone
 from mmrec.models.llm.generative import GenerativeRecommender
 from mmrec.models.llm.prompt import PromptSpec
 from mmrec.models.llm.sid_trie import constrained_beam_search
@@ -125,7 +125,7 @@ def main() -> None:
         with mock.patch("torch.cuda.is_available", return_value=False):
             model = GenerativeRecommender(
                 run_inputs(run_dir, GenerativeRecommender, sid_modality="text"), max_len=args.max_len, sid_modality="text",
-                backbone=BackboneSpec(name_or_path=args.backbone, dtype=args.dtype, finetune=args.finetune), prompt=SHORT_PROMPT,
+                backbone=load_backbone(BackboneSpec(name_or_path=args.backbone, dtype=args.dtype, finetune=args.finetune)), prompt=SHORT_PROMPT,
             )
         model = model.to(device).eval()
     items, mask = histories(args.users, args.num_items, args.min_len, args.max_len, seed=0)

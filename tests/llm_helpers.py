@@ -21,7 +21,7 @@ from mmrec.artifacts.schemas import SIDS
 from mmrec.data.prepared import PreparedData, load_modality
 from mmrec.data.recommender_inputs import RecommenderInputs, load_recommender_inputs
 from mmrec.evaluation.registry import load_recommender
-from mmrec.models.llm.backbone import BackboneSpec
+from mmrec.models.llm.backbone import Backbone, BackboneSpec, load_backbone
 from mmrec.models.llm.base import LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender
 from mmrec.models.llm.prompt import PromptSpec
@@ -81,14 +81,21 @@ def run_inputs(run_dir: Path, head: type[LLMRecommenderBase], **hparams: Any) ->
     return load_recommender_inputs(PreparedData(run_dir), head.input_needs(hparams))[0]
 
 
+def loaded(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with its ``backbone`` (a spec, default ``tiny``) loaded, as the models take it."""
+    backbone = options.get("backbone", BackboneSpec())
+    return {**options, "backbone": backbone if isinstance(backbone, Backbone) and backbone.model is not None else load_backbone(backbone)}
+
+
 def tiny_model(run_dir: Path, **overrides: Any) -> LLMRecommender:
-    """A small LLMRecommender on the tiny backbone (seeded: the heads' random init is reproducible)."""
+    """A small LLMRecommender on the tiny backbone (seeded: the heads' random init is reproducible);
+    ``backbone`` may be a spec, which is loaded."""
     options: dict[str, Any] = {
         "max_len": 8, "backbone": BackboneSpec(), "prompt": SHORT_PROMPT, "proj_dim": 16, "encoder_hidden": 32,
     }
     options.update(overrides)
     torch.manual_seed(options.pop("seed", 0))
-    return LLMRecommender(run_inputs(run_dir, LLMRecommender, **options), **options)
+    return LLMRecommender(run_inputs(run_dir, LLMRecommender, **options), **loaded(options))
 
 
 def tiny_generative(run_dir: Path, **overrides: Any) -> GenerativeRecommender:
@@ -96,7 +103,7 @@ def tiny_generative(run_dir: Path, **overrides: Any) -> GenerativeRecommender:
     options: dict[str, Any] = {"max_len": 8, "prompt": SHORT_PROMPT}
     options.update(overrides)
     torch.manual_seed(0)
-    return GenerativeRecommender(run_inputs(run_dir, GenerativeRecommender, **options), **options)
+    return GenerativeRecommender(run_inputs(run_dir, GenerativeRecommender, **options), **loaded(options))
 
 
 def reference_ndcg(run_dir: Path, name: str, k: int = 10) -> float:

@@ -17,7 +17,7 @@ from mmrec.cli import main as mmrec
 from mmrec.data.prepared import load_sids
 from mmrec.errors import InputError, MMRecError
 from mmrec.evaluation.llm_loaders import load_generative as load
-from mmrec.models.llm.backbone import BackboneSpec
+from mmrec.models.llm.backbone import BackboneSpec, load_backbone
 from mmrec.models.llm.generative import GenerativeRecommender
 from mmrec.models.llm.lora import LoRASpec
 from mmrec.models.llm.prompt import PromptSpec
@@ -170,7 +170,7 @@ def test_fit_then_test_generative_end_to_end(sid_run: Path) -> None:
     # seed), given the checkpoint's tensors. The export's saved backbone must carry every frozen tensor.
     hparams = dict(spec["hparams"])
     trained_model = GenerativeRecommender(
-        run_inputs(sid_run, GenerativeRecommender, **hparams), backbone=BackboneSpec(**hparams.pop("backbone")), lora=LoRASpec(**hparams.pop("lora")),
+        run_inputs(sid_run, GenerativeRecommender, **hparams), backbone=load_backbone(BackboneSpec(**hparams.pop("backbone"))), lora=LoRASpec(**hparams.pop("lora")),
         prompt=PromptSpec(**hparams.pop("prompt")), **hparams,
     )
     load_llm_checkpoint(trained_model, last)

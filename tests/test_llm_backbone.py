@@ -44,8 +44,8 @@ def test_smollm2_alias_points_at_the_installed_gguf() -> None:
 
 
 def test_tiny_backbone_is_frozen_deterministic_and_has_a_chat_template() -> None:
-    model, tokenizer = load_backbone(BackboneSpec(name_or_path="tiny"))
-    again, _ = load_backbone(BackboneSpec(name_or_path="tiny"))
+    model, tokenizer = load_backbone(BackboneSpec(name_or_path="tiny")).require_loaded()
+    again = load_backbone(BackboneSpec(name_or_path="tiny")).model
     assert not any(p.requires_grad for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     prefix, suffix = prompt_token_ids(tokenizer, PromptSpec(system="Be brief.", instruction="History:", question="Next?"))
@@ -54,13 +54,13 @@ def test_tiny_backbone_is_frozen_deterministic_and_has_a_chat_template() -> None
 
 
 def test_lora_trains_only_the_adapter_on_the_mlp_projections() -> None:
-    model, _ = load_backbone(BackboneSpec(name_or_path="tiny"))
+    model = load_backbone(BackboneSpec(name_or_path="tiny")).model
     wrapped = add_lora(model, LoRASpec())
     trainable = [name for name, p in wrapped.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
     assert {name.split(".")[-4] for name in trainable} == {"gate_proj", "up_proj", "down_proj"}
     with pytest.raises(InputError, match="target_modules"):
-        add_lora(load_backbone(BackboneSpec())[0], LoRASpec(target_modules=["no_such_layer"]))
+        add_lora(load_backbone(BackboneSpec()).model, LoRASpec(target_modules=["no_such_layer"]))
 
 
 @pytest.mark.slow

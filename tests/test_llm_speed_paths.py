@@ -36,7 +36,7 @@ def test_full_finetuning_trains_every_backbone_weight_and_the_export_is_that_mod
     heads = load_file(str(out / "heads.safetensors"))
     spec = json.loads((out / "recommender.json").read_text())
     backbone = {k: v for k, v in heads.items() if k.startswith("lm.")}
-    fresh, _ = load_backbone(BackboneSpec(**{**spec["hparams"]["backbone"], "name_or_path": "tiny"}))
+    fresh = load_backbone(BackboneSpec(**{**spec["hparams"]["backbone"], "name_or_path": "tiny"})).model
     layer = "model.layers.0.mlp.down_proj.weight"
     assert f"lm.{layer}" in backbone and not torch.allclose(backbone[f"lm.{layer}"], fresh.state_dict()[layer])
 
@@ -71,7 +71,8 @@ def test_compiled_training_forward_gives_the_eager_loss_and_gradients(tiny_run: 
 
 
 def test_shape_only_backbones_build_their_architecture() -> None:
-    model, tokenizer = load_backbone(BackboneSpec(name_or_path=str(ROOT / "configs/backbones/smollm2-135m.json")))
+    loaded = load_backbone(BackboneSpec(name_or_path=str(ROOT / "configs/backbones/smollm2-135m.json")))
+    model, tokenizer = loaded.model, loaded.tokenizer
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 136e6  # SmolLM2-135M
     assert tokenizer.chat_template and not any(p.requires_grad for p in model.parameters())

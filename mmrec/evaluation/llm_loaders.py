@@ -16,7 +16,7 @@ from mmrec.artifacts.run import MODALITY_STAGE, SIDS_FILES, StageFolder
 from mmrec.data.prepared import PreparedData
 from mmrec.data.recommender_inputs import load_recommender_inputs
 from mmrec.errors import InputError, LineageError
-from mmrec.models.llm.backbone import TINY, BackboneSpec
+from mmrec.models.llm.backbone import TINY, BackboneSpec, load_backbone
 from mmrec.models.llm.base import SPEC_FORMAT, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender
 from mmrec.models.llm.lora import LoRASpec
@@ -89,7 +89,7 @@ def load_llm(
         backbone = replace(backbone, name_or_path=str(export.path / BACKBONE_DIR))
     inputs, _ = load_recommender_inputs(prepared, cls.input_needs(hparams))
     model = cls(
-        inputs=inputs, backbone=backbone, lora=LoRASpec(**hparams.pop("lora")),
+        inputs=inputs, backbone=load_backbone(backbone), lora=LoRASpec(**hparams.pop("lora")),
         prompt=PromptSpec(**hparams.pop("prompt")), **hparams,
     )
     if ckpt is not None:

@@ -4,7 +4,9 @@ Wiring only. The head is the model class (``model.class_path``): the default,
 :class:`mmrec.models.llm.recommender.LLMRecommender`, is MME-SID's fusion head; ``--model
 GenerativeRecommender`` (:class:`mmrec.models.llm.generative.GenerativeRecommender`) is the generative SID
 head. The data is ``SequenceDataModule`` in ``prefix`` mode (every prefix of a user's training sequence is
-one sample). Checkpoints hold the trained tensors only (LoRA, new token rows, mmrec's heads; the frozen
+one sample). The stage loads the backbone that ``model.backbone`` names while it instantiates the model, in
+every process of a multi-GPU run (a ``.json`` shape is created on that process's GPU), and hands it to the
+model loaded. Checkpoints hold the trained tensors only (LoRA, new token rows, mmrec's heads; the frozen
 backbone is rebuilt from its source) and live in ``<run_dir>/<export folder>.work/checkpoints`` (one folder
 per head, so training one head never clears or resumes the other's), with ``last.ckpt`` for ``--resume true``. The checkpoint with the best validation NDCG@10 is exported,
 atomically, to ``<run_dir>/fit-recommender/``: ``adapter/`` (peft), ``heads.safetensors``,
@@ -25,12 +27,18 @@ from mmrec.artifacts.exports import save_llm_export
 from mmrec.callbacks.throughput import TrainingThroughput
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.data.recommender_inputs import RecommenderInputs
+from mmrec.models.llm.backbone import Backbone, BackboneSpec, load_backbone
 from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender  # noqa: F401 (imported: --model GenerativeRecommender resolves)
 from mmrec.models.llm.recommender import LLMRecommender
 from mmrec.stages.lightning_cli import StageCLI
 
 DEFAULT_HEAD = f"{LLMRecommender.__module__}.{LLMRecommender.__qualname__}"
+
+
+def instantiate_backbone(cls: type[Backbone], *args: object, **spec: object) -> Backbone:
+    """jsonargparse's instantiator of ``model.backbone``: the backbone its spec fields name, loaded."""
+    return load_backbone(BackboneSpec(*args, **spec))
 
 
 class FitRecommenderCLI(StageCLI):
@@ -47,6 +55,8 @@ class FitRecommenderCLI(StageCLI):
         parser.set_defaults({"data.train_mode": "prefix", "model": {"class_path": DEFAULT_HEAD}})
         parser.link_arguments("data.max_len", "model.init_args.max_len")
         parser.link_arguments("data", "model.init_args.inputs", compute_fn=self.model_inputs, apply_on="instantiate")
+        # model.backbone holds BackboneSpec's fields; the model is given the backbone they name, loaded
+        parser.add_instantiator(instantiate_backbone, Backbone, subclasses=False, prepend=True)
         parser.add_lightning_class_args(ModelCheckpoint, "model_checkpoint")
         parser.set_defaults({
             "model_checkpoint.monitor": MONITOR, "model_checkpoint.mode": "max",

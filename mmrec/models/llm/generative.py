@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs
 from mmrec.errors import InputError
 from mmrec.evaluation.metrics import DEFAULT_K, list_ranks
-from mmrec.models.llm.backbone import BackboneSpec, load_backbone
+from mmrec.models.llm.backbone import Backbone
 from mmrec.models.llm.base import (
     DEFAULT_BACKBONE,
     DEFAULT_LORA,
@@ -52,7 +52,11 @@ class GenerativeRecommender(LLMRecommenderBase):
         inputs: the catalog's tensors: the SIDs of ``sid_modality`` and, with ``with_titles``, the item texts
             (built by the data module from the run folder and linked in by ``fit-recommender``).
         max_len: most recent history items read (linked from ``data.max_len``).
-        backbone: the causal LM (see :class:`~mmrec.models.llm.backbone.BackboneSpec`).
+        backbone: the causal LM and its tokenizer, loaded (:func:`~mmrec.models.llm.backbone.load_backbone`;
+            see :class:`~mmrec.models.llm.backbone.BackboneSpec` for what it loads). Its spec is recorded in the
+            hyperparameters. ``fit-recommender`` loads ``model.backbone`` itself; the default is the ``tiny``
+            spec unloaded, which the stage loads and a direct call refuses. This head changes the backbone
+            it is given, in memory: it adds the SID tokens to the tokenizer and resizes the embedding.
         lora: LoRA settings (see :class:`~mmrec.models.llm.lora.LoRASpec`).
         prompt: instruction texts around the history (see :class:`~mmrec.models.llm.prompt.PromptSpec`).
         sid_modality: whose SIDs the model reads and writes (``collab``, ``text`` or ``image``).
@@ -76,7 +80,7 @@ class GenerativeRecommender(LLMRecommenderBase):
         self,
         inputs: RecommenderInputs,
         max_len: int = 20,
-        backbone: BackboneSpec = DEFAULT_BACKBONE,
+        backbone: Backbone = DEFAULT_BACKBONE,
         lora: LoRASpec = DEFAULT_LORA,
         prompt: PromptSpec = DEFAULT_PROMPT,
         sid_modality: Literal["collab", "text", "image"] = "collab",
@@ -92,14 +96,14 @@ class GenerativeRecommender(LLMRecommenderBase):
         ks: list[int] = list(DEFAULT_K),  # noqa: B006 (jsonargparse needs a literal default)
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["inputs"])
-        self._prepare(inputs, ks)
+        self.save_hyperparameters(ignore=["inputs", "backbone"])
+        self._prepare(inputs, backbone, ks)
         self.max_len, self.num_beams = max_len, num_beams
         sids = self._sids(inputs, sid_modality)
         codes, codebooks = sids.codes, sids.codebooks
         self.vocab = SIDVocabulary.from_codes(codes, codebooks, sids.source)
 
-        model, tokenizer = load_backbone(backbone)
+        model, tokenizer = backbone.require_loaded()
         token_ids = add_sid_tokens(tokenizer, model, self.vocab)
         embedding = model.get_input_embeddings().weight
         original = embedding.detach()[: int(token_ids.min())]  # the backbone's own tokens set the scale

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs
 from mmrec.errors import InputError
 from mmrec.evaluation.metrics import DEFAULT_K, target_ranks
-from mmrec.models.llm.backbone import BackboneSpec, load_backbone
+from mmrec.models.llm.backbone import Backbone
 from mmrec.models.llm.base import (
     DEFAULT_BACKBONE,
     DEFAULT_LORA,
@@ -53,7 +53,10 @@ class LLMRecommender(LLMRecommenderBase):
             of ``sid_modalities`` and the training item counts (built by the data module from the run folder
             and linked in by ``fit-recommender``; see :meth:`input_needs`).
         max_len: most recent history items read (linked from ``data.max_len``; evaluation truncates to it).
-        backbone: the causal LM (see :class:`~mmrec.models.llm.backbone.BackboneSpec`).
+        backbone: the causal LM and its tokenizer, loaded (:func:`~mmrec.models.llm.backbone.load_backbone`;
+            see :class:`~mmrec.models.llm.backbone.BackboneSpec` for what it loads). Its spec is recorded in the
+            hyperparameters. ``fit-recommender`` loads ``model.backbone`` itself; the default is the ``tiny``
+            spec unloaded, which the stage loads and a direct call refuses.
         lora: LoRA settings (see :class:`~mmrec.models.llm.lora.LoRASpec`).
         prompt: instruction texts around the history (see :class:`~mmrec.models.llm.prompt.PromptSpec`).
         readout: where the user state is read: ``answer`` (MME-SID) at the prompt's last token, after the
@@ -88,7 +91,7 @@ class LLMRecommender(LLMRecommenderBase):
         self,
         inputs: RecommenderInputs,
         max_len: int = 20,
-        backbone: BackboneSpec = DEFAULT_BACKBONE,
+        backbone: Backbone = DEFAULT_BACKBONE,
         lora: LoRASpec = DEFAULT_LORA,
         prompt: PromptSpec = DEFAULT_PROMPT,
         readout: Literal["answer", "item"] = "answer",
@@ -109,8 +112,8 @@ class LLMRecommender(LLMRecommenderBase):
         ks: list[int] = list(DEFAULT_K),  # noqa: B006
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["inputs"])
-        self._prepare(inputs, ks)
+        self.save_hyperparameters(ignore=["inputs", "backbone"])
+        self._prepare(inputs, backbone, ks)
         needs = self.input_needs(self.hparams)
         scorers = [HEAD, *modalities] if scorers is None else list(scorers)
         score_modalities = [name for name in scorers if name != HEAD]
@@ -121,7 +124,7 @@ class LLMRecommender(LLMRecommenderBase):
         embeddings = inputs.embeddings
         sids = {name: self._sid_embedding(inputs, name) for name in needs.sid_modalities}
 
-        model, tokenizer = load_backbone(backbone)
+        model, tokenizer = backbone.require_loaded()
         self._attach_backbone(model, tokenizer, lora, prompt)
         if readout == "item":
             self.prompt_ids = (self.prompt_ids[0], [])
