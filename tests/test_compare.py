@@ -14,7 +14,7 @@ import torch
 from mmrec.artifacts.schemas import PREDICTIONS, write_table
 from mmrec.cli import main as mmrec
 from mmrec.evaluation.compare import compare
-from mmrec.evaluation.metrics import RankingMetrics
+from mmrec.metrics.ranking import RankingMetrics
 
 NUM_USERS = 200
 

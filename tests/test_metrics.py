@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from mmrec.evaluation.metrics import RankingMetrics, list_ranks, target_ranks
+from mmrec.metrics.ranking import RankingMetrics, list_ranks, target_ranks
 
 
 def test_rank_counts_items_scored_higher() -> None:

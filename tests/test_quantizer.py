@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmrec.evaluation.code_quality import (
+from mmrec.metrics.codes import (
     code_perplexity,
     code_utilisation,
     kendall_tau_distances,

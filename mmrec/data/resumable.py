@@ -53,7 +53,7 @@ def world() -> tuple[int, int]:
 def eval_sampler(size: int) -> DistributedSampler | None:
     """The sampler of a validation, test or prediction loader: None (sequential) in a single process, under
     DDP this rank's unpadded shard (Lightning's ``UnrepeatedDistributedSampler``: ranks may get one sample
-    more or less, none twice), so that sum-reduced metrics (:class:`mmrec.evaluation.metrics.RankingMetrics`)
+    more or less, none twice), so that sum-reduced metrics (:class:`mmrec.metrics.ranking.RankingMetrics`)
     count every user exactly once. Evaluation steps hold no collective, so unequal batch counts are safe."""
     replicas, rank = world()
     if replicas == 1:

@@ -6,7 +6,7 @@ are tested (paired bootstrap confidence interval of the mean difference, paired 
 signed-rank test). Comparing two metric averages without pairing would throw away that the users are
 shared and need far larger gaps to reach the same confidence.
 
-The per-user values come from the rule of :mod:`mmrec.evaluation.metrics` (pessimistic rank of the target in
+The per-user values come from the rule of :mod:`mmrec.metrics.ranking` (pessimistic rank of the target in
 the listed top items; a target outside the list earns 0), and their means must equal the folder's
 ``metrics.json``: a folder whose predictions do not reproduce its own figures is refused rather than tested.
 Several seeds of one model are several folders; a side of several folders is tested on the per-user metric
@@ -29,7 +29,7 @@ from scipy import stats
 
 from mmrec.artifacts.schemas import PREDICTIONS, read_table
 from mmrec.errors import InputError
-from mmrec.evaluation.metrics import list_ranks
+from mmrec.metrics.ranking import list_ranks
 
 TOLERANCE = 1e-9
 """How far a recomputed mean may be from ``metrics.json`` (float64 sums in another order, nothing more)."""

@@ -3,7 +3,7 @@
 It is a plain loop over ``SequenceDataModule``'s evaluation batches rather than ``Trainer.test``: Lightning
 pads distributed evaluation shards by repeating users, which would count some users twice, and the
 Trainer's start-up costs more than a full-ranking pass over Beauty takes on a CPU. The metric itself is
-the torchmetrics :class:`~mmrec.evaluation.metrics.RankingMetrics` that SASRec's validation uses under
+the torchmetrics :class:`~mmrec.metrics.ranking.RankingMetrics` that SASRec's validation uses under
 Lightning, so the numbers of both paths come from one implementation.
 """
 
@@ -24,9 +24,9 @@ from tqdm import tqdm
 from mmrec.artifacts.schemas import PREDICTIONS
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.errors import InputError
-from mmrec.evaluation.metrics import DEFAULT_K, RankingMetrics, list_ranks, target_ranks
 from mmrec.evaluation.protocol import AnyRecommender, Recommender, TopKRecommender
 from mmrec.evaluation.topk import top_by_list, top_by_scores
+from mmrec.metrics.ranking import DEFAULT_K, RankingMetrics, list_ranks, target_ranks
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ The batch a model receives is the one ``SequenceDataModule`` collates for evalua
 look at ``target``. Tensors are already on the model's device.
 
 Scores should be float32: bf16 or fp16 scores tie often, and ties are ranked pessimistically (see
-:mod:`mmrec.evaluation.metrics`). The evaluator never modifies the returned tensor in place, so a model
+:mod:`mmrec.metrics.ranking`). The evaluator never modifies the returned tensor in place, so a model
 may return a broadcast view (popularity does).
 
 Optionally, a model has an attribute ``checkpoint_path: Path | None`` naming the file or folder its

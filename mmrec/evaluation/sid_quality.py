@@ -14,7 +14,7 @@ For each modality it records
   figure is split in two: original vs latent (what the encoder keeps) and latent vs code embedding (what
   quantization keeps), which tells whether to fix the encoder's training or the codebooks.
 
-The per-level figures and Kendall's tau come from :mod:`mmrec.evaluation.code_quality`, which
+The per-level figures and Kendall's tau come from :mod:`mmrec.metrics.codes`, which
 ``fit-quantizer`` logs with, so training logs and this report agree.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from mmrec.evaluation.code_quality import code_perplexity, code_utilisation, kendall_tau_distances
+from mmrec.metrics.codes import code_perplexity, code_utilisation, kendall_tau_distances
 from mmrec.models.sid_collisions import ResolvedCodes
 
 

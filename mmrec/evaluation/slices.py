@@ -12,7 +12,7 @@ help (issue 16). A user belongs to slices through the held-out target and the hi
 - **History length** buckets: bounds ``[1, 5, 10]`` give ``history 1-4``, ``history 5-9``, ``history 10+``.
 
 Slices are computed from the per-user ranks of :func:`~mmrec.evaluation.evaluate.evaluate` with the same
-:class:`~mmrec.evaluation.metrics.RankingMetrics`, so a slice's figure is exactly the overall figure
+:class:`~mmrec.metrics.ranking.RankingMetrics`, so a slice's figure is exactly the overall figure
 restricted to its users, for every model (scores or a top-k list). Membership depends only on the prepared
 data, so a specification that leaves a slice empty is refused before any model is run.
 """
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from mmrec.errors import InputError
-from mmrec.evaluation.metrics import RankingMetrics
+from mmrec.metrics.ranking import RankingMetrics
 
 POPULARITY = ("head", "torso", "tail")
 NEW = "new"

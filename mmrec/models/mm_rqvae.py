@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmrec.errors import InputError
-from mmrec.evaluation.code_quality import (
+from mmrec.metrics.codes import (
     code_perplexity,
     code_utilisation,
     kendall_tau_distances,

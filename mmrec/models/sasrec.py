@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from mmrec.artifacts import Stage
 from mmrec.errors import InputError
-from mmrec.evaluation.metrics import DEFAULT_K, RankingMetrics, target_ranks
+from mmrec.metrics.ranking import DEFAULT_K, RankingMetrics, target_ranks
 from mmrec.models.compiled import Compiled
 
 STAGE = str(Stage.FIT_COLLAB)

@@ -1,7 +1,7 @@
 """``mmrec fit-collab``: train SASRec on the run's training interactions and export its item embeddings.
 
 Wiring only: the model is :class:`mmrec.models.sasrec.SASRec`, the data ``SequenceDataModule``
-(``shifted`` mode), the metric :class:`mmrec.evaluation.metrics.RankingMetrics` on the validation split.
+(``shifted`` mode), the metric :class:`mmrec.metrics.ranking.RankingMetrics` on the validation split.
 Checkpoints are chosen on ``val/ndcg@10`` with early stopping; they live in
 ``<run_dir>/fit-collab.work/checkpoints`` (``last.ckpt`` there is what ``--resume true`` continues from).
 The best checkpoint is then exported, atomically, to ``<run_dir>/fit-collab/``: ``sasrec.safetensors``,

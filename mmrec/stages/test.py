@@ -19,11 +19,11 @@ from jsonargparse import auto_cli
 from mmrec.artifacts import Manifest, stage_output, write_table
 from mmrec.artifacts.schemas import PREDICTIONS
 from mmrec.evaluation.evaluate import evaluate, split_loader
-from mmrec.evaluation.metrics import DEFAULT_K
 from mmrec.evaluation.protocol import checkpoint_of
 from mmrec.evaluation.registry import load_recommender
 from mmrec.evaluation.report import format_table, metrics_document
 from mmrec.evaluation.slices import DEFAULT_HISTORY_BUCKETS, DEFAULT_SHARES, SliceSpec, check_spec
+from mmrec.metrics.ranking import DEFAULT_K
 
 STAGE = "test"
 

@@ -30,7 +30,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mmrec.artifacts import Stage
 from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs, SIDCodes
 from mmrec.errors import InputError, MMRecError
-from mmrec.evaluation.metrics import RankingMetrics
+from mmrec.metrics.ranking import RankingMetrics
 from mmrec.models.compiled import Compiled
 from mmrec.models.llm.backbone import TINY, Backbone
 from mmrec.models.llm.lora import LoRASpec, add_lora, set_adapter_state

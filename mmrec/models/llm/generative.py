@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs
 from mmrec.errors import InputError
-from mmrec.evaluation.metrics import DEFAULT_K, list_ranks
+from mmrec.metrics.ranking import DEFAULT_K, list_ranks
 from mmrec.models.llm.backbone import Backbone
 from mmrec.models.llm.base import (
     DEFAULT_BACKBONE,

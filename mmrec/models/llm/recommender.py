@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs
 from mmrec.errors import InputError
-from mmrec.evaluation.metrics import DEFAULT_K, target_ranks
+from mmrec.metrics.ranking import DEFAULT_K, target_ranks
 from mmrec.models.llm.backbone import Backbone
 from mmrec.models.llm.base import (
     DEFAULT_BACKBONE,
