@@ -113,6 +113,8 @@ def test_force_reruns_what_reads_the_step_and_until_stops(workdir: Path, capsys:
 def test_failing_stage_stops_with_one_line_and_keeps_finished_stages(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     broken = {"broken": {"stage": "prepare", "config": str(CONF / "prepare.yaml"), "args": {"seed": -1}}}
     config = write_pipeline(workdir, recommender_args={"model.proj_dim": 8}, extra=broken)
+    assert cli.main(["pipeline", "--config", str(config), "--until", "test"]) == 0  # the steps before: up to date
+    capsys.readouterr()
     before = snapshot(workdir / "run")
     assert cli.main(["pipeline", "--config", str(config), "--until", "broken"]) == 2
     captured = capsys.readouterr()

@@ -14,76 +14,79 @@ Outputs in ``<run_dir>/fit-quantizer/``: ``quantizer.safetensors`` and ``quantiz
 
 from __future__ import annotations
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from pathlib import Path
+from typing import Any
+
 from lightning.pytorch.cli import LightningArgumentParser
 
-from mmrec.artifacts import Stage, stage_output, work_dir
+from mmrec.artifacts import Manifest, Stage, work_dir
 from mmrec.artifacts.exports import save_quantizer
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.artifacts.run import save_codebooks
 from mmrec.data.datamodules import ItemFeatureDataModule
 from mmrec.models.mm_rqvae import MMRQVAE
-from mmrec.stages.fit_collab import peak_gpu_memory_gib
-from mmrec.stages.lightning_cli import StageCLI
+from mmrec.stages.lightning_cli import FitResult, TrainingStageCLI, peak_gpu_memory_gib
 
 STAGE = str(Stage.FIT_QUANTIZER)
 CODEBOOKS = "codebooks.safetensors"
 FINAL_TAU_PAIRS = 100_000
 
 
-class QuantizerCLI(StageCLI):
-    """StageCLI plus the link of embedding widths into the model, a configurable checkpoint callback that
-    keeps ``last.ckpt`` in the work folder, and a CSV logger there unless another logger is configured."""
+class QuantizerCLI(TrainingStageCLI):
+    """TrainingStageCLI plus the link of embedding widths into the model; no best checkpoint (the model as
+    training ends is published), and a CSV logger in the work folder unless another logger is configured."""
+
+    checkpoint_filename = "{epoch}"
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.input_dims", "model.input_dims", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "model_checkpoint")
-        parser.set_defaults({"model_checkpoint.save_last": True, "model_checkpoint.filename": "{epoch}"})
 
     def before_instantiate_classes(self) -> None:
         super().before_instantiate_classes()
         config = self.config
-        if config.model_checkpoint.dirpath is None:
-            config.model_checkpoint.dirpath = str(self.checkpoint_dir)
         if config.trainer.logger in (None, True):
             config.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": str(work_dir(config.run_dir, STAGE)), "name": "logs"},
             }
 
+    def record_inputs(self, manifest: Manifest) -> None:
+        for modality, table in self.datamodule.tables.items():
+            manifest.add_input(f"emb_{modality}", table.path, table.manifest)
 
-def main(argv: list[str]) -> None:
-    cli = QuantizerCLI(STAGE, MMRQVAE, ItemFeatureDataModule, argv, description=__doc__.splitlines()[0])
-    model, data = cli.model, cli.datamodule
-    resumed_from, fit_seconds = cli.fit()
-    if not cli.trainer.is_global_zero:
-        return
-    report = model.evaluate_codes(data.predict_dataloader(), tau_pairs=FINAL_TAU_PAIRS)
+    def summary(self, result: FitResult) -> dict[str, Any]:
+        """The final code-quality metrics over the whole item table, and the fit's size and cost."""
+        self.code_report = self.model.evaluate_codes(self.datamodule.predict_dataloader(), tau_pairs=FINAL_TAU_PAIRS)
+        trainer = self.trainer
+        return {
+            "metrics": self.code_report,
+            "wall_time_s": round(result.seconds, 2),
+            "epochs": trainer.current_epoch,
+            "steps": trainer.global_step,
+            "device": str(trainer.strategy.root_device),
+            "peak_gpu_memory_gib": peak_gpu_memory_gib(trainer.strategy.root_device),
+            "resumed_from": result.resumed_from,
+        }
 
-    manifest = cli.manifest()
-    for modality, table in data.tables.items():
-        manifest.add_input(f"emb_{modality}", table.path, table.manifest)
-    manifest.extra = {
-        "metrics": report,
-        "wall_time_s": round(fit_seconds, 2),
-        "epochs": cli.trainer.current_epoch,
-        "steps": cli.trainer.global_step,
-        "device": str(cli.trainer.strategy.root_device),
-        "peak_gpu_memory_gib": peak_gpu_memory_gib(cli.trainer.strategy.root_device),
-        "resumed_from": resumed_from,
-    }
-    with stage_output(cli.run_dir, STAGE, manifest) as out:
+    def publish(self, out: Path, manifest: Manifest) -> None:
+        model = self.model
         config_path, weights_path = save_quantizer(model, out)
         save_codebooks(model.codebooks(), out / CODEBOOKS)
         manifest.add_output("quantizer", weights_path)
         manifest.add_output("quantizer_config", config_path)
         manifest.add_output("codebooks", out / CODEBOOKS)
         manifest.lineage["quantizer"] = file_sha256(weights_path)
-    for modality, metrics in report.items():
-        print(
-            f"fit-quantizer: {modality}: utilisation per level {[round(u, 3) for u in metrics['utilisation']]}, "
-            f"unique tuples {metrics['unique_tuple_fraction']:.4f}, recon cosine {metrics['recon_cosine']:.3f}, "
-            f"Kendall tau {metrics['kendall_tau']:.3f} ({metrics['items']} items)"
-        )
-    print(f"fit-quantizer: wrote {cli.run_dir / STAGE} in {fit_seconds:.1f}s of training")
+
+    def report(self, result: FitResult) -> None:
+        for modality, metrics in self.code_report.items():
+            print(
+                f"fit-quantizer: {modality}: utilisation per level {[round(u, 3) for u in metrics['utilisation']]}, "
+                f"unique tuples {metrics['unique_tuple_fraction']:.4f}, recon cosine {metrics['recon_cosine']:.3f}, "
+                f"Kendall tau {metrics['kendall_tau']:.3f} ({metrics['items']} items)"
+            )
+        print(f"fit-quantizer: wrote {self.run_dir / STAGE} in {result.seconds:.1f}s of training")
+
+
+def main(argv: list[str]) -> None:
+    QuantizerCLI(STAGE, MMRQVAE, ItemFeatureDataModule, argv, description=__doc__.splitlines()[0]).run()

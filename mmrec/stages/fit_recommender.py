@@ -17,12 +17,13 @@ and peak GPU memory.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser
 from lightning.pytorch.strategies import FSDPStrategy
 
-from mmrec.artifacts import stage_output
+from mmrec.artifacts import Manifest
 from mmrec.artifacts.exports import save_llm_export
 from mmrec.callbacks.throughput import TrainingThroughput
 from mmrec.data.datamodules import SequenceDataModule
@@ -31,7 +32,7 @@ from mmrec.models.llm.backbone import Backbone, BackboneSpec, load_backbone
 from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender  # noqa: F401 (imported: --model GenerativeRecommender resolves)
 from mmrec.models.llm.recommender import LLMRecommender
-from mmrec.stages.lightning_cli import StageCLI
+from mmrec.stages.lightning_cli import FitResult, StageCLI, TrainingStageCLI
 
 DEFAULT_HEAD = f"{LLMRecommender.__module__}.{LLMRecommender.__qualname__}"
 
@@ -41,14 +42,23 @@ def instantiate_backbone(cls: type[Backbone], *args: object, **spec: object) -> 
     return load_backbone(BackboneSpec(*args, **spec))
 
 
-class FitRecommenderCLI(StageCLI):
-    """StageCLI plus the links the recommender needs and a configurable checkpoint callback.
+class FitRecommenderCLI(TrainingStageCLI):
+    """TrainingStageCLI plus the links the recommender needs and a training-throughput meter.
 
     The LLM heads also train under FSDP (``configs/strategies/fit-recommender-fsdp.yaml``): the best
     checkpoint is loaded by the strategy and the export is written from its full state dict.
     """
 
     strategies = StageCLI.strategies + (FSDPStrategy,)
+    monitor = MONITOR
+    checkpoint_filename = "best-{epoch}-{step}"
+
+    def __init__(self, args: list[str]) -> None:
+        self.meter = TrainingThroughput()
+        super().__init__(
+            STAGE, LLMRecommenderBase, SequenceDataModule, args, description=__doc__.splitlines()[0],
+            trainer_defaults={"callbacks": [self.meter]}, subclass_mode_model=True,
+        )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
@@ -57,11 +67,6 @@ class FitRecommenderCLI(StageCLI):
         parser.link_arguments("data", "model.init_args.inputs", compute_fn=self.model_inputs, apply_on="instantiate")
         # model.backbone holds BackboneSpec's fields; the model is given the backbone they name, loaded
         parser.add_instantiator(instantiate_backbone, Backbone, subclasses=False, prepend=True)
-        parser.add_lightning_class_args(ModelCheckpoint, "model_checkpoint")
-        parser.set_defaults({
-            "model_checkpoint.monitor": MONITOR, "model_checkpoint.mode": "max",
-            "model_checkpoint.save_last": True, "model_checkpoint.filename": "best-{epoch}-{step}",
-        })
 
     @property
     def head_class(self) -> type[LLMRecommenderBase]:
@@ -73,45 +78,41 @@ class FitRecommenderCLI(StageCLI):
         """The model class's export folder (``fit-recommender`` or ``fit-recommender-generative``)."""
         return self.head_class.export_folder
 
+    @property
+    def output_name(self) -> str:
+        return self.model.export_folder
+
     def model_inputs(self, data: SequenceDataModule) -> RecommenderInputs:
         """The catalog tensors the configured head reads, from the data module's run folder."""
         return data.recommender_inputs(self.head_class.input_needs(self.config.model.init_args))
 
-    def before_instantiate_classes(self) -> None:
-        super().before_instantiate_classes()
-        if self.config.model_checkpoint.dirpath is None:
-            self.config.model_checkpoint.dirpath = str(self.checkpoint_dir)
+    def gather(self) -> None:
+        # the full state dict the export is written from (a collective under FSDP: every rank takes part)
+        self.trained = self.trainer.strategy.lightning_module_state_dict()
+
+    def record_inputs(self, manifest: Manifest) -> None:
+        data = self.datamodule
+        prepared = data.prepared
+        manifest.add_input("items", prepared.items_path, prepared.manifest)
+        manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
+        for name, source in data.input_sources.items():
+            manifest.add_input(name, source.path, source.manifest)
+
+    def summary(self, result: FitResult) -> dict[str, Any]:
+        self.throughput = self.meter.summary()
+        return {**super().summary(result), **self.throughput}
+
+    def publish(self, out: Path, manifest: Manifest) -> None:
+        for name, path in save_llm_export(self.model, out, self.trained).items():
+            manifest.add_output(name, path)
+
+    def report(self, result: FitResult) -> None:
+        print(
+            f"{STAGE} ({self.model.head} head): best {MONITOR} = {result.best_val.get(MONITOR, float('nan')):.4f} "
+            f"after {self.trainer.current_epoch} epochs ({result.seconds:.0f} s, "
+            f"{self.throughput['tokens_per_second']} tokens/s); wrote {self.run_dir / self.output_name}"
+        )
 
 
 def main(argv: list[str]) -> None:
-    meter = TrainingThroughput()
-    cli = FitRecommenderCLI(
-        STAGE, LLMRecommenderBase, SequenceDataModule, argv, description=__doc__.splitlines()[0],
-        trainer_defaults={"callbacks": [meter]}, subclass_mode_model=True,
-    )
-    trainer, data, model = cli.trainer, cli.datamodule, cli.model
-    resumed_from, fit_seconds = cli.fit()
-
-    # The strategy loads the best checkpoint into the model however it holds it (one device, DDP replicas,
-    # FSDP shards), and hands back the full state dict that the export is written from (all ranks take part).
-    best = cli.best_checkpoint or None
-    best_val = trainer.validate(model, datamodule=data, ckpt_path=best, verbose=False, weights_only=True)[0]
-    trained = trainer.strategy.lightning_module_state_dict()
-    if not trainer.is_global_zero:
-        return
-
-    prepared = data.prepared
-    manifest = cli.manifest()
-    manifest.add_input("items", prepared.items_path, prepared.manifest)
-    manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
-    for name, source in data.input_sources.items():
-        manifest.add_input(name, source.path, source.manifest)
-    throughput = meter.summary()
-    manifest.extra = {**cli.fit_summary(best_val, resumed_from, fit_seconds), **throughput}
-    with stage_output(cli.run_dir, model.export_folder, manifest) as out:
-        for name, path in save_llm_export(model, out, trained).items():
-            manifest.add_output(name, path)
-    print(
-        f"{STAGE} ({model.head} head): best {MONITOR} = {best_val.get(MONITOR, float('nan')):.4f} after {trainer.current_epoch} epochs "
-        f"({fit_seconds:.0f} s, {throughput['tokens_per_second']} tokens/s); wrote {cli.run_dir / model.export_folder}"
-    )
+    FitRecommenderCLI(argv).run()

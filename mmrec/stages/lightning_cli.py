@@ -20,6 +20,11 @@ see :attr:`StageCLI.strategies`). Other strategies are refused before any work s
 settings that Lightning rejects, with the stage's one-line error: spawned or forked workers
 (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) would train in other processes than the one that exports,
 and other sharded strategies (DeepSpeed) checkpoint and export in ways the stages do not read.
+
+Stages that train and publish are a :class:`TrainingStageCLI`: its :meth:`~TrainingStageCLI.run` is the one
+sequence fit -> best checkpoint -> validate -> manifest -> export, and a stage file declares only its links,
+the metric its best checkpoint is chosen on, and what it records and publishes (the hooks ``record_inputs``,
+``summary``, ``publish`` and ``report``).
 """
 
 from __future__ import annotations
@@ -28,16 +33,19 @@ import json
 import os
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
-from mmrec.artifacts import Manifest, work_dir
+from mmrec.artifacts import Manifest, stage_output, work_dir
 from mmrec.errors import InputError
 from mmrec.stages.resume import PARTIAL_SUFFIX, AtomicCheckpointIO, LoaderPosition, MidEpochCheckpoint, RNGState
 
@@ -218,3 +226,103 @@ class StageCLI(LightningCLI):
         start = time.perf_counter()
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=resumed_from, weights_only=True)
         return resumed_from, time.perf_counter() - start
+
+
+def peak_gpu_memory_gib(device: torch.device) -> float | None:
+    """The process's peak allocated GPU memory on ``device`` (GiB), None off a GPU: what a benchmark reports."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
+@dataclass
+class FitResult:
+    """What :meth:`TrainingStageCLI.run` hands the stage's hooks after fitting and validating."""
+
+    resumed_from: str | None
+    """The ``last.ckpt`` training resumed from, None for a fresh run."""
+    seconds: float
+    """Wall time of ``trainer.fit``."""
+    best_val: dict[str, float] = field(default_factory=dict)
+    """Validation metrics of the best checkpoint (empty when the stage chooses no best checkpoint)."""
+
+
+class TrainingStageCLI(StageCLI):
+    """A StageCLI that trains one model and publishes it: :meth:`run` is fit -> best checkpoint -> validate ->
+    manifest -> export, the same for every training stage.
+
+    Checkpoints: a configurable ``model_checkpoint`` (Lightning's ModelCheckpoint) writing to
+    ``<run_dir>/<work_name>.work/checkpoints`` unless ``model_checkpoint.dirpath`` is given, keeping
+    ``last.ckpt`` (what ``--resume true`` continues from). With :attr:`monitor` set it also keeps the
+    checkpoint with the highest value of that metric, which is validated again after training and published;
+    without, the model as training ends is published, not validated again.
+
+    Which processes run what: fitting, validation and :meth:`gather` (collectives, such as the strategy's full
+    state dict) run on every rank; the manifest, the export and the printed summary on rank 0 only.
+    """
+
+    monitor: str | None = None
+    """Validation metric (maximised) that the best checkpoint is chosen on; None keeps ``last.ckpt`` only."""
+    checkpoint_filename: str = "best-{epoch}"
+    """Default ``model_checkpoint.filename``."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_lightning_class_args(ModelCheckpoint, "model_checkpoint")
+        defaults: dict[str, Any] = {"model_checkpoint.save_last": True, "model_checkpoint.filename": self.checkpoint_filename}
+        if self.monitor is not None:
+            defaults |= {"model_checkpoint.monitor": self.monitor, "model_checkpoint.mode": "max"}
+        parser.set_defaults(defaults)
+
+    def before_instantiate_classes(self) -> None:
+        super().before_instantiate_classes()
+        if self.config.model_checkpoint.dirpath is None:
+            self.config.model_checkpoint.dirpath = str(self.checkpoint_dir)
+
+    @property
+    def output_name(self) -> str:
+        """Name of the ``<run_dir>/<name>`` folder the stage publishes."""
+        return self.stage
+
+    def run(self) -> None:
+        """Fit (from ``last.ckpt`` when resuming), validate the best checkpoint, gather what the export needs,
+        then on rank 0 write the manifest and the export atomically to ``<run_dir>/<output_name>`` and print
+        the summary."""
+        resumed_from, seconds = self.fit()
+        result = FitResult(resumed_from, seconds, self.validate_best() if self.monitor is not None else {})
+        self.gather()
+        if not self.trainer.is_global_zero:
+            return
+        manifest = self.manifest()
+        self.record_inputs(manifest)
+        manifest.extra = self.summary(result)
+        with stage_output(self.run_dir, self.output_name, manifest) as out:
+            self.publish(out, manifest)
+        self.report(result)
+
+    def validate_best(self) -> dict[str, float]:
+        """Validation metrics of the best checkpoint, on every rank. The strategy loads it into the model
+        however it holds it (one device, DDP replicas, FSDP shards), with ``weights_only=True``."""
+        best = self.best_checkpoint or None
+        return self.trainer.validate(self.model, datamodule=self.datamodule, ckpt_path=best, verbose=False, weights_only=True)[0]
+
+    def gather(self) -> None:
+        """Run on every rank after validation: collectives whose result the export needs."""
+
+    def record_inputs(self, manifest: Manifest) -> None:
+        """Add the files the stage trained on to ``manifest`` (rank 0)."""
+
+    def summary(self, result: FitResult) -> dict[str, Any]:
+        """The manifest's ``extra`` (rank 0): :meth:`fit_summary` unless the stage records more or other."""
+        return self.fit_summary(result.best_val, result.resumed_from, result.seconds)
+
+    def publish(self, out: Path, manifest: Manifest) -> None:
+        """Write the stage's files into the temporary folder ``out`` and add them to ``manifest`` (rank 0)."""
+        raise NotImplementedError
+
+    def report(self, result: FitResult) -> None:
+        """The printed summary line (rank 0)."""
+        print(
+            f"{self.stage}: best {self.monitor} = {result.best_val.get(self.monitor, float('nan')):.4f} "
+            f"after {self.trainer.current_epoch} epochs ({result.seconds:.0f} s); wrote {self.run_dir / self.output_name}"
+        )
