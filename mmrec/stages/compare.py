@@ -17,11 +17,12 @@ from argparse import SUPPRESS
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser
+from jsonargparse import ActionConfigFile, ArgumentParser
 
 from mmrec.errors import InputError
 from mmrec.evaluation.compare import compare as compare_folders
 from mmrec.evaluation.compare import format_comparison
+from mmrec.stages.arguments import parse_or_refuse
 
 
 def default_output(baseline: list[str], candidates: list[list[str]]) -> Path:
@@ -79,9 +80,6 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
-    try:
-        config = build_parser().parse_args(argv)
-    except ArgumentError as exc:
-        raise InputError(f"{' '.join(str(exc).split())} (mmrec compare --help lists the options)") from None
+    config = parse_or_refuse(build_parser(), argv, "compare")
     options = {key: config[key] for key in ("baseline", "candidate", "k", "bootstrap", "seed", "output")}
     compare(config.get("folders") or [], **options)  # positional folders are SUPPRESSed when absent, so a config's list survives

@@ -10,7 +10,6 @@ finished stage folder as it was. The run ends with one table of every model the 
 from __future__ import annotations
 
 import json
-from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from mmrec.pipeline.comparison import comparison_table
 from mmrec.pipeline.runner import Outcome, run_stage
 from mmrec.pipeline.state import PipelineState, manifests
 from mmrec.pipeline.steps import Step, StepSpec, expand, select
-from mmrec.stages.prepare import one_line
+from mmrec.stages.arguments import one_line, parse_or_refuse
 
 
 def pipeline(
@@ -102,9 +101,6 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str]) -> None:
     parser = build_parser()
-    try:
-        config = parser.parse_args(argv)
-    except ArgumentError as exc:
-        raise InputError(f"{one_line(str(exc))} (mmrec pipeline --help lists the options)") from None
+    config = parse_or_refuse(parser, argv, "pipeline")
     init = parser.instantiate_classes(config)
     pipeline(init.stages, init.run_dir, init.force, init.until, init.verbose)

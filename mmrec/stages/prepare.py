@@ -8,7 +8,6 @@ all of it exists, so a bad input leaves no artifact.
 
 from __future__ import annotations
 
-from argparse import ArgumentError
 from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
@@ -27,12 +26,11 @@ from mmrec.data.sources import Source, Synthetic
 from mmrec.data.split import MIN_SPLIT_LENGTH, SplitOptions
 from mmrec.data.text_embeddings import TextOptions
 from mmrec.errors import InputError, MMRecError
+from mmrec.stages.arguments import one_line, parse_or_refuse
 
 STAGE = "prepare"
 MAX_SEED = 2**63
 """Seeds must fit numpy's and torch's generators."""
-MESSAGE_LIMIT = 400
-"""Longest error message printed: configuration errors can quote whole values."""
 
 
 def prepare(
@@ -192,9 +190,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: list[str]) -> None:
     parser = build_parser()
     try:
-        config = parser.parse_args(argv)
-    except ArgumentError as exc:
-        raise InputError(f"{one_line(str(exc))} (mmrec prepare --help lists the options)") from None
+        config = parse_or_refuse(parser, argv, "prepare")
     except UnicodeDecodeError as exc:
         raise InputError(f"a --config file is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except Exception as exc:  # noqa: BLE001 (jsonargparse fails on some malformed configs with its own errors)
@@ -219,9 +215,3 @@ def main(argv: list[str]) -> None:
         split=init.split,
         record=record.as_dict(),
     )
-
-
-def one_line(message: str, limit: int = MESSAGE_LIMIT) -> str:
-    """A parser or library message on one line, shortened to ``limit`` characters."""
-    text = " ".join(message.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
