@@ -63,7 +63,7 @@ def write_sids(
             rows["codes"].append([int(c) for c in code])
             rows["sid"].append("".join(f"<{chr(97 + level)}_{c}>" for level, c in enumerate(code)))
     prepared = Manifest.read(run_dir / "prepare")
-    manifest = Manifest(stage="assign-sids", config={"source": "tests.test_llm_support"}, lineage=dict(prepared.lineage))
+    manifest = Manifest(stage="assign-sids", config={"source": "tests.llm_helpers"}, lineage=dict(prepared.lineage))
     with stage_output(run_dir, "assign-sids", manifest) as out:
         write_table(pa.table(rows), out / "sids.parquet", SIDS)
         save_file(books, str(out / "codebooks.safetensors"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from argparse import ArgumentError
 
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from mmrec.errors import InputError
 
@@ -25,3 +25,11 @@ def parse_or_refuse(parser: ArgumentParser, argv: list[str], stage: str) -> Name
         return parser.parse_args(argv)
     except ArgumentError as exc:
         raise InputError(f"{one_line(str(exc))} (mmrec {stage} --help lists the options)") from None
+
+
+def stage_parser(stage: str, description: str, config_help: str = "a YAML configuration (repeatable; later wins)") -> ArgumentParser:
+    """The parser of a stage that is not a LightningCLI: ``mmrec <stage>`` in its help, ``--config`` files, and
+    errors raised rather than printed, so that :func:`parse_or_refuse` can turn them into the one-line error."""
+    parser = ArgumentParser(prog=f"mmrec {stage}", description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help=config_help)
+    return parser

@@ -17,12 +17,12 @@ from argparse import SUPPRESS
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
 from mmrec.errors import InputError
 from mmrec.evaluation.compare import compare as compare_folders
 from mmrec.evaluation.compare import format_comparison
-from mmrec.stages.arguments import parse_or_refuse
+from mmrec.stages.arguments import parse_or_refuse, stage_parser
 
 
 def default_output(baseline: list[str], candidates: list[list[str]]) -> Path:
@@ -69,8 +69,7 @@ def compare(
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="mmrec compare", description=__doc__.splitlines()[0], exit_on_error=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML of these options (repeatable; later wins)")
+    parser = stage_parser("compare", __doc__.splitlines()[0], config_help="a YAML of these options (repeatable; later wins)")
     parser.add_argument("folders", nargs="*", default=SUPPRESS, help="test folders; the first is the baseline")
     # SUPPRESS: an empty positional list would otherwise overwrite the ``folders`` of a --config file
     parser.add_argument("--baseline", nargs="+", default=[], help="the baseline's test folders, one per seed")

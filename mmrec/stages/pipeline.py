@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import ActionConfigFile, ArgumentParser
+from jsonargparse import ArgumentParser
 
 from mmrec.cli import STAGES
 from mmrec.errors import InputError
@@ -21,7 +21,7 @@ from mmrec.pipeline.comparison import comparison_table
 from mmrec.pipeline.runner import Outcome, run_stage
 from mmrec.pipeline.state import PipelineState, manifests
 from mmrec.pipeline.steps import Step, StepSpec, expand, select
-from mmrec.stages.arguments import one_line, parse_or_refuse
+from mmrec.stages.arguments import one_line, parse_or_refuse, stage_parser
 
 
 def pipeline(
@@ -84,13 +84,12 @@ def metrics_of(root: Path, state: PipelineState, step: Step) -> dict[str, Any] |
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="mmrec pipeline",
-        description="Run the stages a pipeline YAML names, in order, skipping those already up to date "
+    parser = stage_parser(
+        "pipeline",
+        "Run the stages a pipeline YAML names, in order, skipping those already up to date "
         "(same command, config files and inputs as when the pipeline last ran them).",
-        exit_on_error=False,
+        config_help="the pipeline YAML (repeatable; later wins)",
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="the pipeline YAML (repeatable; later wins)")
     parser.add_function_arguments(pipeline, as_group=False, skip={"force", "until", "verbose"})
     parser.add_argument("--force", nargs="+", default=[], metavar="STEP",
                         help="run these steps (or groups, e.g. test) even when up to date; what reads them runs too")

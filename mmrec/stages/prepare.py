@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, lazy_instance
+from jsonargparse import ArgumentParser, lazy_instance
 
 from mmrec.artifacts import Manifest, stage_output, write_table
 from mmrec.artifacts.manifest import file_sha256
@@ -26,7 +26,7 @@ from mmrec.data.sources import Source, Synthetic
 from mmrec.data.split import MIN_SPLIT_LENGTH, SplitOptions
 from mmrec.data.text_embeddings import TextOptions
 from mmrec.errors import InputError, MMRecError
-from mmrec.stages.arguments import one_line, parse_or_refuse
+from mmrec.stages.arguments import one_line, parse_or_refuse, stage_parser
 
 STAGE = "prepare"
 MAX_SEED = 2**63
@@ -176,13 +176,11 @@ def _describe(value: Any) -> Any:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="mmrec prepare",
-        description="Turn raw logs and item content into items, users, leave-one-out interactions and item "
+    parser = stage_parser(
+        "prepare",
+        "Turn raw logs and item content into items, users, leave-one-out interactions and item "
         "embeddings under <run_dir>/prepare/. See docs/prepare.md.",
-        exit_on_error=False,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="a YAML configuration (repeatable; later wins)")
     parser.add_function_arguments(prepare, as_group=False, skip={"record"})
     return parser
 
