@@ -36,11 +36,12 @@ FUSION = "configs/beauty/fit-recommender.yaml"
 GENERATIVE = "configs/beauty/fit-recommender-generative.yaml"
 INPUTS = ("prepare", "fit-collab", "assign-sids")
 DEFAULT_VARIANTS = {
-    "fusion, LoRA, eager, batch 256 (the old config)": f"--config {FUSION} --model.init_args.backbone.finetune lora --model.init_args.backbone.dtype bfloat16 --data.batch_size 256",
-    "fusion, full, eager, batch 2048 (shipped)": f"--config {FUSION}",
-    "fusion, full, compiled, batch 2048": f"--config {FUSION} --model.init_args.backbone.compile true",
-    "generative, LoRA, eager, batch 256 (the old config)": f"--config {GENERATIVE} --model.init_args.backbone.finetune lora --model.init_args.backbone.dtype bfloat16 --data.batch_size 256",
-    "generative, full, eager, batch 1024 (shipped)": f"--config {GENERATIVE}",
+    "fusion, LoRA, eager, batch 256 (the old config)": f"--config {FUSION} --model.init_args.backbone.finetune lora --model.init_args.backbone.dtype bfloat16 --model.init_args.backbone.compile false --data.batch_size 256",
+    "fusion, full, eager, batch 2048": f"--config {FUSION} --model.init_args.backbone.compile false",
+    "fusion, full, compiled layers, batch 2048 (shipped)": f"--config {FUSION}",
+    "generative, LoRA, eager, batch 256 (the old config)": f"--config {GENERATIVE} --model.init_args.backbone.finetune lora --model.init_args.backbone.dtype bfloat16 --model.init_args.backbone.compile false --data.batch_size 256",
+    "generative, full, eager, batch 1024": f"--config {GENERATIVE} --model.init_args.backbone.compile false",
+    "generative, full, compiled layers, batch 1024 (shipped)": f"--config {GENERATIVE}",
 }
 
 

@@ -57,6 +57,7 @@ class StageResult:
     wall_s: float | None = None
     train_s: float | None = None
     tokens_per_second: float | None = None
+    tokens_per_second_steady: float | None = None
     peak_gpu_memory_gib: float | None = None
     backbone_parameters: int | None = None
     finetune: str | None = None
@@ -150,6 +151,7 @@ def training_figures(result: StageResult, run_dir: Path, matmul: float | None) -
     extra = manifest.get("extra", {})
     result.train_s = extra.get("train_seconds") or extra.get("fit_wall_time_s") or extra.get("wall_time_s")
     result.tokens_per_second = extra.get("tokens_per_second")
+    result.tokens_per_second_steady = extra.get("tokens_per_second_steady")
     result.peak_gpu_memory_gib = extra.get("peak_gpu_memory_gib")
     if result.stage not in LLM_STAGES:
         return
@@ -164,7 +166,8 @@ def training_figures(result: StageResult, run_dir: Path, matmul: float | None) -
         result.mfu_note = "manifest has no tokens_per_second"
     else:
         per_token = (6 if result.finetune == "full" else 4) * result.backbone_parameters
-        result.mfu = result.tokens_per_second * per_token / (matmul * 1e12)
+        rate = result.tokens_per_second_steady or result.tokens_per_second
+        result.mfu = rate * per_token / (matmul * 1e12)
 
 
 def test_figures(result: StageResult, run_dir: Path) -> None:
@@ -212,14 +215,14 @@ def markdown(args: argparse.Namespace, results: list[StageResult], matmul_note: 
         f"- overrides: {overrides}",
         f"- matrix-product rate: {matmul_note}",
         "",
-        "| stage | status | wall s (command) | train s | tokens/s | peak GPU GiB | MFU | R@10 | N@10 | eval s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| stage | status | wall s (command) | train s | tokens/s (whole run) | tokens/s (steady) | peak GPU GiB | MFU (steady) | R@10 | N@10 | eval s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else (r.mfu_note or "-")
         lines.append(
             f"| {r.stage} | {'ok' if r.ok else 'FAILED: ' + str(r.error)} | {cell(r.wall_s, '.1f')} | {cell(r.train_s, '.1f')} "
-            f"| {cell(r.tokens_per_second, ',.0f')} | {cell(r.peak_gpu_memory_gib, '.2f')} | {mfu} "
+            f"| {cell(r.tokens_per_second, ',.0f')} | {cell(r.tokens_per_second_steady, ',.0f')} | {cell(r.peak_gpu_memory_gib, '.2f')} | {mfu} "
             f"| {cell(r.metrics.get('recall@10'), '.4f')} | {cell(r.metrics.get('ndcg@10'), '.4f')} | {cell(r.eval_seconds, '.1f')} |"
         )
     failed = [r.stage for r in results if not r.ok]

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch._dynamo.utils import counters
 
 from mmrec.artifacts import Manifest
 from mmrec.cli import main as mmrec
 from mmrec.errors import InputError
 from mmrec.evaluation.llm_loaders import load_fusion, load_generative
+from mmrec.models.compiled import CompiledBlocks
 from mmrec.models.llm.backbone import BackboneSpec, load_backbone
 from tests.llm_helpers import tiny_model, write_sids
 
@@ -64,10 +66,28 @@ def test_compiled_training_forward_gives_the_eager_loss_and_gradients(tiny_run: 
         loss.backward()
         layer = model.base_model().model.layers[0].self_attn.q_proj.weight
         results.append((loss.detach(), layer.grad.clone()))
-        ran_compiled = model._compiled_forward is not None and model._compiled_forward.compiled is not None
+        ran_compiled = model._compiled_layers is not None and model._compiled_layers.compiled
         assert ran_compiled == compiled  # compiled, and no fallback to the eager forward
     (eager, eager_grad), (fast, fast_grad) = results
     assert torch.allclose(eager, fast, atol=1e-5) and torch.allclose(eager_grad, fast_grad, atol=1e-5)
+
+
+def test_compiled_layers_share_one_graph_across_layers_and_lengths() -> None:
+    """Regional compilation: every decoder layer and every prompt length runs one compiled graph, so compile
+    time is one layer's, once (a graph per layer or per length is what made the H200 run compile for minutes)."""
+    model = load_backbone(BackboneSpec(finetune="full")).model.requires_grad_(True)
+    decoder = model.get_decoder()
+    blocks = CompiledBlocks(decoder.layers, "test")
+    torch._dynamo.reset()
+    counters.clear()
+    for length in (6, 9, 13):
+        ids = torch.randint(0, 200, (3, length))
+        with blocks.active():
+            hidden = decoder(input_ids=ids, position_ids=torch.arange(length).expand(3, -1), use_cache=False)
+        hidden.last_hidden_state.sum().backward()
+    assert counters["stats"]["unique_graphs"] == 1 and blocks.compiled
+    assert all(type(layer).__name__ == "LlamaDecoderLayer" for layer in decoder.layers)  # the originals are back
+    assert len(decoder.layers) >= 2
 
 
 def test_shape_only_backbones_build_their_architecture() -> None:

@@ -65,8 +65,10 @@ class BackboneSpec:
             backbone as small as SmolLM2-135M full fine-tuning is both faster (no adapter matmuls, which cost
             more than they save at this width) and lighter than LoRA; keep the weights in ``float32`` then
             (``dtype``) and train under ``bf16-mixed``, since AdamW on bf16 weights loses small updates.
-        compile: ``torch.compile`` the backbone's training forward (fused kernels; the first steps pay the
-            compilation, tens of seconds for a 30-layer model). Validation and ``mmrec test`` run it eagerly.
+        compile: ``torch.compile`` the decoder layers in training steps: one graph serves every layer and
+            prompt length (regional compilation, :class:`~mmrec.models.compiled.CompiledBlocks`), so the first
+            step pays one layer's compilation and later steps run fused kernels. Validation and
+            ``mmrec test`` run eagerly.
     """
 
     name_or_path: str = TINY

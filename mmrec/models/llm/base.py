@@ -31,7 +31,7 @@ from mmrec.artifacts import Stage
 from mmrec.data.recommender_inputs import InputNeeds, RecommenderInputs, SIDCodes
 from mmrec.errors import InputError, MMRecError
 from mmrec.metrics.ranking import RankingMetrics
-from mmrec.models.compiled import Compiled
+from mmrec.models.compiled import CompiledBlocks
 from mmrec.models.llm.backbone import TINY, Backbone
 from mmrec.models.llm.lora import LoRASpec, add_lora, set_adapter_state
 from mmrec.models.llm.prompt import PromptSpec, prompt_token_ids
@@ -98,7 +98,7 @@ class LLMRecommenderBase(L.LightningModule):
             self.lm = add_lora(model, lora, trainable_tokens).train()  # from_pretrained returns eval mode; dropout needs train
         self.tokenizer = tokenizer
         self.prompt_ids = prompt_token_ids(tokenizer, prompt)
-        self._compiled_forward: Compiled | None = None
+        self._compiled_layers: CompiledBlocks | None = None
 
     @property
     def full_finetune(self) -> bool:
@@ -112,19 +112,20 @@ class LLMRecommenderBase(L.LightningModule):
         return self.trained_prefixes + (("lm.",) if self.full_finetune else ())
 
     def run_decoder(self, **inputs: Any) -> Any:
-        """The backbone's decoder on ``inputs``: compiled in training when ``backbone.compile`` is set.
+        """The backbone's decoder on ``inputs``; in training with ``backbone.compile`` its decoder layers run
+        through one compiled graph (:class:`~mmrec.models.compiled.CompiledBlocks`).
 
-        The compiled forward is a function kept outside the module tree (so state dicts and checkpoints
-        keep their keys) and is used for training steps only: evaluation has other shapes and no autograd,
-        and compiling those too would spend the time budget on graphs that run once an epoch.
+        Only training steps are compiled: evaluation has other shapes and no autograd, and compiling those
+        too would spend the time budget on graphs that run once an epoch. The compiled graph lives outside
+        the module tree, so state dicts and checkpoints keep their keys.
         """
         decoder = self.decoder()
         if not (self.training and self.hparams.backbone.get("compile", False)):
             return decoder(**inputs)
-        if self._compiled_forward is None:
-            # dynamic: prompts of every length (length-grouped batches) share one graph, not one compile each
-            self._compiled_forward = Compiled(decoder.forward, "the backbone's training forward", dynamic=True)
-        return self._compiled_forward(**inputs)
+        if self._compiled_layers is None:
+            self._compiled_layers = CompiledBlocks(decoder.layers, "the backbone's training forward")
+        with self._compiled_layers.active():
+            return decoder(**inputs)
 
     @staticmethod
     def _sids(inputs: RecommenderInputs, name: str) -> SIDCodes:
