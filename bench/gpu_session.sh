@@ -3,6 +3,8 @@
 # (the lent nvidia-h200-x2). Every phase logs to OUT and the session goes on when one fails:
 #   1. GPU 0, alone: the whole Beauty pipeline from the raw files (bench/bench_pipeline.py);
 #   2. GPU 1, once assign-sids is done: the LLM heads' throughput variants (bench/bench_llm_throughput.py);
+#      on a machine with one GPU, GPU 0 after the pipeline (each benchmark has its GPU to itself), and
+#      phases 3 and 4 are skipped;
 #   3. both GPUs: the shipped fusion config under DDP (--trainer.devices 2), then `mmrec test`;
 #   4. both GPUs: cost rows for Llama-3.2-1B and Llama-3-8B shapes (random weights) under FSDP.
 # OUT/session.log says when each phase started; OUT/done marks the end.
@@ -18,6 +20,7 @@ RUN=runs/beauty
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 RESULTS="$OUT/RESULTS.md"
+GPUS=$(nvidia-smi -L | wc -l)
 stamp() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 phase() { [[ " $PHASES " == *" $1 "* ]]; }
 
@@ -29,17 +32,25 @@ if phase 1; then
   pipeline=$!
 fi
 
+if phase 2 && [ "$GPUS" -lt 2 ] && [ -n "$pipeline" ]; then
+  wait "$pipeline"
+  stamp "phase 1 done (one GPU: the throughput variants run after it)"
+fi
 if phase 2; then
   # the backbone may still be arriving when the session starts (it travels in parts): wait for it too
   until { [ -f "$RUN/assign-sids/manifest.json" ] && [ -f "$GGUF" ]; } || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
-  stamp "phase 2: throughput variants on GPU 1"
+  stamp "phase 2: throughput variants on GPU $((GPUS - 1))"
   if [ -f "$RUN/assign-sids/manifest.json" ]; then
-    CUDA_VISIBLE_DEVICES=1 python3 bench/bench_llm_throughput.py --run_dir "$RUN" --backbone "$GGUF" \
+    CUDA_VISIBLE_DEVICES=$((GPUS - 1)) python3 bench/bench_llm_throughput.py --run_dir "$RUN" --backbone "$GGUF" \
       --results "$RESULTS" --json "$OUT/throughput.json" >"$OUT/throughput.log" 2>&1
   fi
 fi
 [ -n "$pipeline" ] && wait "$pipeline"
 stamp "phases 1 and 2 done"
+if [ "$GPUS" -lt 2 ]; then
+  stamp "one GPU: phases 3 and 4 (DDP, FSDP on 2 GPUs) skipped"
+  PHASES=
+fi
 
 if phase 3; then
   stamp "phase 3: fusion head under DDP on 2 GPUs"
