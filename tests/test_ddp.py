@@ -6,6 +6,7 @@
   manifests) as single-process runs, end with identical weights on both ranks, and ``mmrec test`` evaluates
   what they publish;
 * fit-collab killed mid-epoch under DDP and resumed ends exactly where the uninterrupted DDP run ended;
+* ``mmrec test --devices 2`` (two CPU processes, each a shard of the users) writes what one process writes;
 * a strategy the stages cannot run is one error line and exit code 2.
 
 DDP runs are subprocesses: Lightning's launcher starts the other rank by re-running the command line, which
@@ -14,8 +15,10 @@ under pytest would be pytest itself.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -76,12 +79,26 @@ def test_shards_are_disjoint_complete_and_equal(size: int, batch_size: int, repl
     everything = [index for part in parts for index in part]
     assert sorted(set(everything)) == list(range(size))  # every sample, once ...
     assert len(everything) - size < replicas  # ... apart from fewer than `replicas` repeats
-    whole = EpochSampler(size, 7, batch_size, lengths, chunk_batches=2, num_replicas=1, rank=0)
+    whole = EpochSampler(size, 7, batch_size, lengths, chunk_batches=2, num_replicas=replicas, rank=0)
     if lengths is not None:  # every dealt batch is a whole batch of the epoch's order (length groups intact)
         batches = {tuple(whole.order(0)[i:i + batch_size]) for i in range(0, size, batch_size)}
         for part in parts:
             cut = [tuple(part[i:i + batch_size]) for i in range(0, len(part), batch_size)]
             assert all(batch in batches for batch in cut[:-1])
+
+
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_the_ranks_of_one_step_get_batches_of_adjacent_lengths(replicas: int) -> None:
+    """A DDP step waits for its slowest rank: the batches the ranks train on together are neighbours in one
+    sorted chunk (no length of one lies inside another's range), not a random pair."""
+    size, batch_size = 600, 8
+    lengths = np.random.default_rng(1).integers(1, 50, size)
+    parts = shards(size, batch_size, replicas, lengths=lengths)
+    rounds = size // batch_size // replicas
+    for step in range(rounds):
+        batches = [lengths[part[step * batch_size:(step + 1) * batch_size]] for part in parts]
+        ranges = sorted((batch.min(), batch.max()) for batch in batches)
+        assert all(high <= low for (_, high), (low, _) in itertools.pairwise(ranges))
 
 
 def test_shards_are_deterministic_and_change_with_the_epoch() -> None:
@@ -223,3 +240,35 @@ def test_fit_collab_killed_under_ddp_resumes_to_the_same_result(pipelines: tuple
     assert_mid_epoch(COLLAB, killed)
     run_ddp(COLLAB.stage, killed, *COLLAB.args, "--resume", "true")
     assert_same_result(COLLAB, reference, killed)
+
+
+# ------------------------------------------------------------------------------------ mmrec test, 2 processes
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("model", ["sasrec", "generative"])  # ranked by scores / by a decoded top-k list
+def test_mmrec_test_on_two_processes_writes_what_one_process_writes(model: str, pipelines: tuple[Path, Path], tmp_path: Path) -> None:
+    """``mmrec test --devices 2``: each process evaluates a shard of the users, rank 0 writes; the metrics,
+    slices and predictions equal a single-process evaluation of the same model."""
+    run = tmp_path / "run"
+    shutil.copytree(pipelines[0], run)
+    args = ["--config", str(CONF / "test.yaml"), "--model", model, "--slices", "true"]
+    run_ddp("test", run, *args, "--device", "cpu", "--devices", "2")
+    two = json.loads((run / "test" / f"{model}-test" / "metrics.json").read_text())
+    two_predictions = pq.read_table(run / "test" / f"{model}-test" / "predictions.parquet")
+    assert Manifest.read(run / "test" / f"{model}-test").config["devices"] == 2
+    assert mmrec(["test", "--run_dir", str(run), *args]) == 0
+    one = json.loads((run / "test" / f"{model}-test" / "metrics.json").read_text())
+    assert two["metrics"] == pytest.approx(one["metrics"], abs=1e-9)
+    assert two["slices"] == one["slices"]  # from the very ranks, joined
+    one_predictions = pq.read_table(run / "test" / f"{model}-test" / "predictions.parquet")
+    for column in ("user_idx", "target", "items"):
+        assert two_predictions.column(column).equals(one_predictions.column(column)), column
+    scores = [np.concatenate(table.column("scores").to_pylist()) for table in (two_predictions, one_predictions)]
+    assert np.allclose(*scores, atol=1e-4)  # batches of other users around a user: float rounding only
+
+
+@pytest.mark.parametrize(("devices", "message"), [("0", "expected at least 1"), ("4096", "this machine has")])
+def test_bad_test_devices_are_one_line(devices: str, message: str, tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    assert mmrec(["test", "--run_dir", str(tiny_run), "--model", "popularity", "--device", "cpu", "--devices", devices]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "devices" in lines[0] and message in lines[0], lines
+    assert not (tiny_run / "test" / "popularity-test").exists()

@@ -70,7 +70,10 @@ class EpochSampler(DistributedSampler):
     split into mega-chunks of ``chunk_batches`` batches, each chunk is sorted by length (longest first) and
     cut into batches, and the full batches are put in random order. The one short batch, if ``size`` is
     not a multiple of ``batch_size``, comes last, so that every batch before it is full and skipping ``k``
-    batches is skipping ``k * batch_size`` indices.
+    batches is skipping ``k * batch_size`` indices. Under DDP the unit put in random order is a run of
+    ``num_replicas`` adjacent batches of one sorted chunk, so the ranks of one step get batches of similar
+    length: a DDP step lasts as long as its slowest rank (bench/RESULTS.md, session 5, measured 2 GPUs at
+    1.5x one with random pairs). With one replica the unit is one batch, as before.
 
     With ``num_replicas`` ranks the order is cut into batches of ``batch_size`` and shared out at the batch
     level: of the first ``num_replicas * (full_batches // num_replicas)`` full batches, batch ``j`` goes to rank
@@ -90,7 +93,7 @@ class EpochSampler(DistributedSampler):
         seed: seed of the order; epoch ``e`` uses ``SeedSequence([seed, e])``.
         batch_size: the loader's batch size (the unit of grouping by length and of sharding).
         lengths: per-sample length to group by, or None for a plain shuffle.
-        chunk_batches: batches per mega-chunk when grouping.
+        chunk_batches: batches per mega-chunk when grouping (rounded up to a multiple of ``num_replicas``).
         num_replicas: number of ranks; None: the initialised process group's world size, or 1.
         rank: this rank; None: the process group's rank, or 0.
     """
@@ -122,21 +125,31 @@ class EpochSampler(DistributedSampler):
         self._start = int(count)
 
     def order(self, epoch: int) -> np.ndarray:
-        """The whole order of ``epoch`` (all ranks), an ``int64`` permutation of ``range(size)``."""
+        """The whole order of ``epoch`` (all ranks), an ``int64`` permutation of ``range(size)``; with
+        ``lengths``, each run of ``num_replicas`` batches (one step's) is of similar length."""
         rng = np.random.default_rng(_epoch_seed(self.seed, epoch))
         order = rng.permutation(self.size)
         if self.lengths is None:
             return order
-        chunk = self.chunk_batches * self.batch_size
-        batches: list[np.ndarray] = []
+        size, replicas = self.batch_size, self.num_replicas
+        chunk = -(-self.chunk_batches // replicas) * replicas * size  # whole steps in every chunk but the last
+        steps: list[list[np.ndarray]] = []  # runs of `replicas` length-adjacent full batches: one DDP step
+        loose: list[np.ndarray] = []  # the last chunk's full batches that make no whole step
+        short: list[np.ndarray] = []
         for start in range(0, self.size, chunk):
             part = order[start:start + chunk]
             part = part[np.argsort(-self.lengths[part], kind="stable")]
-            batches.extend(part[i:i + self.batch_size] for i in range(0, len(part), self.batch_size))
-        full = [batch for batch in batches if len(batch) == self.batch_size]
-        short = [batch for batch in batches if len(batch) < self.batch_size]
-        full = [full[i] for i in rng.permutation(len(full))]
-        return np.concatenate(full + short) if batches else order
+            cut = [part[i:i + size] for i in range(0, len(part), size)]
+            full = [batch for batch in cut if len(batch) == size]
+            short.extend(batch for batch in cut if len(batch) < size)
+            whole = len(full) // replicas * replicas
+            steps.extend(full[i:i + replicas] for i in range(0, whole, replicas))
+            loose.extend(full[whole:])
+        whole = len(loose) // replicas * replicas
+        steps.extend(loose[i:i + replicas] for i in range(0, whole, replicas))
+        steps = [steps[i] for i in rng.permutation(len(steps))]
+        batches = [batch for step in steps for batch in step] + loose[whole:] + short
+        return np.concatenate(batches) if batches else order
 
     def shard(self, epoch: int) -> np.ndarray:
         """This rank's share of ``order(epoch)`` (the whole order with one replica)."""

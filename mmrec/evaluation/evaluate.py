@@ -4,7 +4,9 @@ It is a plain loop over ``SequenceDataModule``'s evaluation batches rather than 
 pads distributed evaluation shards by repeating users, which would count some users twice, and the
 Trainer's start-up costs more than a full-ranking pass over Beauty takes on a CPU. The metric itself is
 the torchmetrics :class:`~mmrec.metrics.ranking.RankingMetrics` that SASRec's validation uses under
-Lightning, so the numbers of both paths come from one implementation.
+Lightning, so the numbers of both paths come from one implementation. On several processes each evaluates
+a disjoint shard of the users (:func:`split_loader`'s ``shard``), the metric's sums are reduced across them
+by torchmetrics, and :func:`merge` joins the shards' predictions.
 """
 
 from __future__ import annotations
@@ -45,20 +47,45 @@ class Evaluation:
     seconds: float
 
 
-def split_loader(run_dir: str, split: str, batch_size: int) -> tuple[DataLoader, SequenceDataModule]:
+def split_loader(
+    run_dir: str, split: str, batch_size: int, shard: tuple[int, int] | None = None,
+) -> tuple[DataLoader, SequenceDataModule]:
     """Evaluation batches of ``split`` carrying each user's complete history (models truncate it themselves).
 
     Users are batched in order of history length, so a batch is padded to about its own users' length
     rather than to the longest history of a random group: most Beauty histories hold under 10 items, a
-    few hold 200, and padding would otherwise dominate the cost of encoding them.
+    few hold 200, and padding would otherwise dominate the cost of encoding them. ``shard=(rank, world)``
+    keeps every ``world``-th user of that order from ``rank`` on: disjoint shards, none repeated, of
+    similar length profiles so no process waits long for the others.
     """
     if split not in ("valid", "test"):
         raise InputError(f"split must be 'valid' or 'test', got '{split}'")
     data = SequenceDataModule(run_dir=run_dir, max_len=sys.maxsize, eval_batch_size=batch_size)
     histories, _ = data.prepared.histories(split)
     by_length = np.argsort([len(history) for history in histories], kind="stable")
+    if shard is not None:
+        rank, world = shard
+        if len(by_length) < world:
+            raise InputError(f"devices: {world} processes for {len(by_length)} users of split '{split}'; use at most {len(by_length)}")
+        by_length = by_length[rank::world]
     dataset = Subset(data.eval_dataset(split), by_length.tolist())
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=data.collate), data
+
+
+def merge(parts: Sequence[Evaluation]) -> Evaluation:
+    """One evaluation from the shards of several processes: predictions and ranks joined in ``user_idx``
+    order. The metrics are the shards' own, which torchmetrics has already reduced over every process."""
+    table = pa.concat_tables([part.predictions for part in parts])
+    ranks = np.concatenate([part.ranks for part in parts])
+    order = np.argsort(table.column("user_idx").to_numpy(), kind="stable")
+    return Evaluation(
+        metrics=parts[0].metrics,
+        predictions=table.take(pa.array(order)),
+        ranks=ranks[order],
+        n_users=sum(part.n_users for part in parts),
+        ranking=parts[0].ranking,
+        seconds=max(part.seconds for part in parts),
+    )
 
 
 def seen_items(batch: dict[str, Tensor], num_items: int) -> Tensor:

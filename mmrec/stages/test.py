@@ -1,7 +1,8 @@
 """``mmrec test``: evaluate a trained model of the run directory on the validation or test split.
 
 Wiring only: the model comes from :mod:`mmrec.evaluation.registry`, the loop and the metrics from
-:mod:`mmrec.evaluation`. Writes ``metrics.json`` and ``predictions.parquet`` atomically to
+:mod:`mmrec.evaluation`; ``--devices N`` starts N processes through Lightning Fabric's launcher (one GPU
+each, or CPU processes), each evaluating a shard of the users, and rank 0 writes. Writes ``metrics.json`` and ``predictions.parquet`` atomically to
 ``<run_dir>/test/<model>-<split>/`` (``<model>-<split>-masked/`` with ``--mask_history true``, so the two
 protocols never overwrite each other) and prints a table.
 """
@@ -9,16 +10,20 @@ protocols never overwrite each other) and prints a table.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from jsonargparse import auto_cli
+from lightning.fabric import Fabric
 
 from mmrec.artifacts import Manifest, stage_output, write_table
 from mmrec.artifacts.schemas import PREDICTIONS
-from mmrec.evaluation.evaluate import evaluate, split_loader
+from mmrec.errors import InputError
+from mmrec.evaluation.evaluate import evaluate, merge, split_loader
 from mmrec.evaluation.protocol import checkpoint_of
 from mmrec.evaluation.registry import load_recommender
 from mmrec.evaluation.report import format_table, metrics_document
@@ -32,6 +37,22 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def launch(devices: int, device: torch.device) -> Fabric | None:
+    """``devices`` evaluation processes on ``device``'s kind through Lightning Fabric's DDP launcher (it
+    re-runs this command for every other rank, locally or under torchrun/SLURM); None for one process."""
+    if devices < 1:
+        raise InputError(f"devices: expected at least 1, got {devices}")
+    if devices == 1:
+        return None
+    available = torch.cuda.device_count() if device.type == "cuda" else (os.cpu_count() or 1)
+    if devices > available:
+        kind = "GPUs" if device.type == "cuda" else "cores"
+        raise InputError(f"devices: {devices} processes requested, this machine has {available} {kind}")
+    fabric = Fabric(accelerator=device.type, devices=devices, strategy="ddp")
+    fabric.launch()
+    return fabric
 
 
 def output_name(model: str, split: str, mask_history: bool) -> str:
@@ -51,6 +72,7 @@ def test(
     slices: bool = False,
     slice_shares: list[float] = list(DEFAULT_SHARES),  # noqa: B006 (jsonargparse needs a literal default)
     history_buckets: list[int] = list(DEFAULT_HISTORY_BUCKETS),  # noqa: B006
+    devices: int = 1,
 ) -> dict:
     """Evaluate a trained model: full-ranking Recall@K, NDCG@K and MRR on one split.
 
@@ -69,13 +91,19 @@ def test(
             targets, history length buckets; :mod:`mmrec.evaluation.slices`) under ``"slices"``.
         slice_shares: cumulative shares of training interactions where head ends and torso ends.
         history_buckets: lower bounds of the history length buckets (``[1, 5, 10]``: 1-4, 5-9, 10+).
+        devices: processes that evaluate disjoint shards of the users (one GPU each with ``device``
+            cuda, CPU processes with cpu); metrics are reduced over them and rank 0 writes the results.
     """
     start = time.perf_counter()
     if slices:  # a bad specification fails before the model is loaded, not after a long evaluation
         check_spec(slice_shares, history_buckets)
     torch_device = resolve_device(device)
+    fabric = launch(devices, torch_device)
+    if fabric is not None:
+        torch_device = fabric.device
     recommender = load_recommender(model, run_dir, checkpoint, torch_device)
-    loader, data = split_loader(run_dir, split, batch_size)
+    shard = None if fabric is None else (fabric.global_rank, fabric.world_size)
+    loader, data = split_loader(run_dir, split, batch_size, shard)
     prepared = data.prepared
     spec = None
     if slices:
@@ -83,9 +111,13 @@ def test(
         spec = SliceSpec.build(prepared.train_item_counts, histories, targets, slice_shares, history_buckets)
     bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda")
     evaluation = evaluate(
-        recommender, loader, prepared.num_items, k, mask_history, torch_device, progress=True,
-        autocast_dtype=torch.bfloat16 if bf16 else None,
+        recommender, loader, prepared.num_items, k, mask_history, torch_device,
+        autocast_dtype=torch.bfloat16 if bf16 else None, progress=fabric is None or fabric.global_rank == 0,
     )
+    if fabric is not None:
+        parts: list = [None] * fabric.world_size
+        dist.all_gather_object(parts, evaluation)
+        evaluation = merge(parts)
     document = metrics_document(
         prepared=prepared, model=model, checkpoint=checkpoint_of(recommender), split=split, k=k,
         mask_history=mask_history, evaluation=evaluation, device=torch_device, wall_time_s=time.perf_counter() - start,
@@ -96,9 +128,11 @@ def test(
         config={"run_dir": run_dir, "model": model, "split": split, "mask_history": mask_history, "k": k,
                 "batch_size": batch_size, "device": device, "checkpoint": checkpoint,
                 "precision": "bf16" if bf16 else "32", "slices": slices, "slice_shares": slice_shares,
-                "history_buckets": history_buckets},
+                "history_buckets": history_buckets, "devices": devices},
         extra={"metrics": evaluation.metrics},
     )
+    if fabric is not None and fabric.global_rank != 0:
+        return document
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
     source = checkpoint_of(recommender)
     if source is not None and source.is_file():
