@@ -13,6 +13,8 @@
 # GGUF: SmolLM2-135M-Instruct.Q4_1.gguf; TEXT_MODEL: all-MiniLM-L6-v2 folder; DATA_DIR: user_sequences.txt
 # and items.csv of Amazon Beauty 2014; OUT: where logs, JSON and RESULTS.md sections go.
 # PHASES (default "1 2 3 4") picks phases, e.g. PHASES="3 4" after a session that ran 1 and 2.
+# The session runs longer than one remote call: start it detached (setsid nohup ... &) with an OUT that
+# outlives the call (not a folder that the remote runner empties at every call), and fetch OUT when done.
 set -u
 GGUF=$1 TEXT=$2 DATA=$3 OUT=$4
 PHASES=${PHASES:-1 2 3 4}

@@ -20,9 +20,6 @@ WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
     # peft reads transformers' renamed property when it prepares a model for LoRA
     (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
-    # transformers 5.x renames the kwarg that the generative head's tree-attention decoding passes; mmrec
-    # supports transformers 4.x too (pyproject's range), which only knows the old name
-    (FutureWarning, r"`past_key_values` is deprecated"),
     # the MM-RQ-VAE overrides this hook on purpose (it adds per-modality row indices to each batch)
     (UserWarning, r"You have overridden `on_before_batch_transfer` in `LightningModule`"),
 )

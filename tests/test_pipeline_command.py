@@ -138,7 +138,7 @@ def test_quiet_logs_drop_only_the_known_third_party_messages(caplog: pytest.LogC
         warnings.simplefilter("always")
         quiet_third_party()
         warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning, stacklevel=1)
-        warnings.warn("`past_key_values` is deprecated and will be removed", FutureWarning, stacklevel=1)
+        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed", FutureWarning, stacklevel=1)
         warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["something else is deprecated"]
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")

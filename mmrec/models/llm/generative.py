@@ -19,6 +19,7 @@ histories and can never be recommended.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -220,8 +221,12 @@ class GenerativeRecommender(LLMRecommenderBase):
         # Right padding and causal attention: the prompt pass needs no mask (SDPA's causal kernel), and the
         # beams' mask below hides the padding's slots.
         positions = torch.arange(ids.shape[1], device=device).expand(batch, -1)
-        out = self.decoder()(input_ids=ids, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
+        decoder = self.decoder()
+        # transformers renamed the cache argument and output (past_key_values -> cache; the old name goes in
+        # 5.40): use whichever this version's decoder takes
+        cache_name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        out = decoder(input_ids=ids, position_ids=positions, use_cache=True)
+        cache = out[cache_name]
         first = out.last_hidden_state[torch.arange(batch, device=device), lengths - 1]
         prompt = attention_mask.bool().unsqueeze(1)  # [B, 1, T]: what every beam of a user sees of the prompt
         own = torch.eye(num_beams, dtype=torch.bool, device=device).expand(batch, -1, -1)
@@ -237,8 +242,8 @@ class GenerativeRecommender(LLMRecommenderBase):
                 visible = torch.zeros(visible.shape, device=device).masked_fill(~visible, torch.finfo(torch.float32).min)
             tokens = self.sid_token_ids[self.level_starts[depth - 1] + codes]
             positions = (lengths + depth - 1).unsqueeze(1).expand(-1, num_beams)
-            hidden = self.decoder()(
-                input_ids=tokens, attention_mask=visible, position_ids=positions, past_key_values=cache, use_cache=True,
+            hidden = decoder(
+                input_ids=tokens, attention_mask=visible, position_ids=positions, use_cache=True, **{cache_name: cache},
             ).last_hidden_state
             return self.level_logprobs(hidden, depth)
 
