@@ -19,10 +19,8 @@ import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +32,7 @@ from mmrec.cli import main as mmrec
 from mmrec.data.resumable import EpochSampler
 from tests.fixtures import make_prepared_run, write_modality
 from tests.llm_helpers import write_sids
-from tests.test_resume_kill import Case, assert_mid_epoch, assert_same_result, evaluate
+from tests.test_resume_kill import Case, assert_mid_epoch, assert_same_result, evaluate, kill_mid_epoch
 
 ROOT = Path(__file__).parent.parent
 CONF = Path(__file__).parent / "conf"
@@ -216,26 +214,7 @@ def test_mmrec_test_evaluates_what_ddp_published(folder: str, model: str, pipeli
 @pytest.mark.usefixtures("single_thread")
 def test_fit_collab_killed_under_ddp_resumes_to_the_same_result(pipelines: tuple[Path, Path], tmp_path: Path) -> None:
     reference, killed = pipelines[1], make_run(tmp_path / "killed")
-    marker = tmp_path / "paused"
-    pause = tmp_path / "pause.yaml"
-    pause.write_text(
-        "trainer:\n  callbacks:\n    - class_path: tests.resume_helpers.PauseAtStep\n"
-        f"      init_args: {{step: {COLLAB.pause_step}, marker: {json.dumps(str(marker))}}}\n"
-    )
-    log = tmp_path / "killed.log"
-    with open(log, "wb") as out:  # its own process group: the kill must reach the rank Lightning started too
-        process = subprocess.Popen(command(COLLAB.stage, killed, *COLLAB.args, "--config", str(pause)), cwd=ROOT,
-                                   env=environment(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + TIMEOUT_S
-        try:
-            while not marker.exists():
-                assert process.poll() is None, f"ended before step {COLLAB.pause_step}:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no pause within {TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
-                time.sleep(0.05)
-        finally:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert int(marker.read_text()) == COLLAB.pause_step
+    kill_mid_epoch(COLLAB, killed, tmp_path, timeout=TIMEOUT_S)
     assert not (killed / COLLAB.stage / "sasrec.safetensors").exists()
     assert_mid_epoch(COLLAB, killed)
     run_ddp(COLLAB.stage, killed, *COLLAB.args, "--resume", "true")

@@ -107,8 +107,9 @@ def train(case: Case, run: Path, *extra: str) -> None:
     assert mmrec([case.stage, "--run_dir", str(run), *case.args, *extra]) == 0
 
 
-def kill_mid_epoch(case: Case, run: Path, tmp_path: Path) -> None:
-    """Run the stage in a subprocess until it pauses at ``case.pause_step``, then SIGKILL it."""
+def kill_mid_epoch(case: Case, run: Path, tmp_path: Path, timeout: float = KILL_TIMEOUT_S) -> None:
+    """Run the stage in a subprocess until it pauses at ``case.pause_step``, then SIGKILL it with every
+    process it started (its own process group: under DDP, Lightning starts the other ranks)."""
     marker = tmp_path / "paused"
     pause = tmp_path / "pause.yaml"
     pause.write_text(
@@ -121,15 +122,15 @@ def kill_mid_epoch(case: Case, run: Path, tmp_path: Path) -> None:
     published = run / case.stage / "manifest.json"
     before = published.read_bytes() if published.exists() else None
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + KILL_TIMEOUT_S
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
         try:
             while not marker.exists():
                 assert process.poll() is None, f"the stage ended before step {case.pause_step}:\n{log.read_text()[-3000:]}"
-                assert time.monotonic() < deadline, f"no pause within {KILL_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no pause within {timeout} s:\n{log.read_text()[-3000:]}"
                 time.sleep(0.05)
         finally:
-            process.send_signal(signal.SIGKILL)
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == -signal.SIGKILL
     assert int(marker.read_text()) == case.pause_step

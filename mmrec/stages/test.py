@@ -123,6 +123,8 @@ def test(
         mask_history=mask_history, evaluation=evaluation, device=torch_device, wall_time_s=time.perf_counter() - start,
         precision="bf16" if bf16 else "32", slices=spec,
     )
+    if fabric is not None and fabric.global_rank != 0:  # rank 0 writes
+        return document
     manifest = Manifest(
         stage=STAGE,
         config={"run_dir": run_dir, "model": model, "split": split, "mask_history": mask_history, "k": k,
@@ -131,8 +133,6 @@ def test(
                 "history_buckets": history_buckets, "devices": devices},
         extra={"metrics": evaluation.metrics},
     )
-    if fabric is not None and fabric.global_rank != 0:
-        return document
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
     source = checkpoint_of(recommender)
     if source is not None and source.is_file():
