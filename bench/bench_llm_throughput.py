@@ -25,12 +25,10 @@ import argparse
 import json
 import shlex
 import shutil
-import statistics
 import time
 from pathlib import Path
 
-import torch
-from common import RESULTS, append_section, git_commit, machine, mmrec, read_json
+from common import RESULTS, append_section, git_commit, machine, matmul_tflops, mfu, mmrec, read_json
 
 FUSION = "configs/beauty/fit-recommender.yaml"
 GENERATIVE = "configs/beauty/fit-recommender-generative.yaml"
@@ -43,23 +41,6 @@ DEFAULT_VARIANTS = {
     "generative, full, eager, batch 1024": f"--config {GENERATIVE} --model.init_args.backbone.compile false",
     "generative, full, compiled layers, batch 1024 (shipped)": f"--config {GENERATIVE}",
 }
-
-
-def matmul_tflops(device: str = "cuda", size: int = 8192, repeats: int = 10) -> float | None:
-    """Median bf16 matmul rate of this GPU (TFLOP/s), the denominator of MFU; None without a GPU."""
-    if not torch.cuda.is_available():
-        return None
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    rates = []
-    for i in range(repeats + 3):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        torch.cuda.synchronize()
-        if i >= 3:
-            rates.append(2 * size**3 / (time.perf_counter() - start) / 1e12)
-    return statistics.median(rates)
 
 
 def fresh_copy(run_dir: Path, work: Path) -> Path:
@@ -91,22 +72,14 @@ def run_variant(run_dir: Path, args: list[str], steps: int, skip: int) -> dict:
     }
 
 
-def mfu(result: dict, peak_tflops: float | None) -> float | None:
-    tokens = result["extra"].get("tokens_per_second_steady") or result["extra"].get("tokens_per_second")
-    if not peak_tflops or not tokens:
-        return None
-    full = result["spec"]["hparams"]["backbone"].get("finetune") == "full"
-    flops = (6 if full else 4) * result["spec"]["backbone_parameters"] * tokens
-    return flops / (peak_tflops * 1e12 * max(1, result["extra"].get("world_size", 1)))
-
-
 def row(label: str, result: dict, peak: float | None) -> str:
     extra, split = result["extra"], result["breakdown"]
     cells = [label, str(result["config"]["data"]["batch_size"]), str(extra.get("world_size", 1))]
     for key in ("tokens_per_second_steady", "tokens_per_second"):
         cells.append(f"{extra[key]:,.0f}" if extra.get(key) else "")
     cells.append(f"{extra['peak_gpu_memory_gib']:.1f}" if extra.get("peak_gpu_memory_gib") else "")
-    value = mfu(result, peak)
+    tokens = extra.get("tokens_per_second_steady") or extra.get("tokens_per_second")
+    value = mfu(result["spec"], tokens, peak, extra.get("world_size", 1))
     cells.append(f"{100 * value:.1f}%" if value else "")
     cells += [f"{1000 * split[f'{phase}_s']:.1f}" if f"{phase}_s" in split else "" for phase in ("data", "forward", "backward", "optimizer", "step")]
     syncs = split.get("host_syncs_per_step")

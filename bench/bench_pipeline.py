@@ -27,15 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-import torch
-from common import RESULTS, ROOT, append_section, git_commit, machine, mmrec
+from common import RESULTS, ROOT, append_section, git_commit, machine, matmul_tflops, mfu, mmrec, read_json_if_any
 
 STAGES = (
     "prepare", "fit-collab", "fit-quantizer", "assign-sids", "fit-recommender", "test-fusion",
@@ -65,52 +62,6 @@ class StageResult:
     mfu_note: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     eval_seconds: float | None = None
-
-
-def matmul_tflops(repeats: int = 5) -> tuple[float | None, str]:
-    """Median bf16 matrix-product rate (TFLOP/s) of an 8192^3 product on the GPU, and what was measured."""
-    if not torch.cuda.is_available():
-        return None, "no GPU: MFU not computed"
-    n = 8192
-    a, b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16), torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    rate = 2 * n**3 / statistics.median(times) / 1e12
-    del a, b
-    torch.cuda.empty_cache()
-    return rate, f"bf16 {n}^3 matmul, median of {repeats}: {rate:.0f} TFLOP/s"
-
-
-def find_key(document: Any, key: str) -> Any:
-    """The first value of ``key`` anywhere in a nested JSON document (None if absent)."""
-    if isinstance(document, dict):
-        if key in document:
-            return document[key]
-        values = document.values()
-    elif isinstance(document, list):
-        values = document
-    else:
-        return None
-    for value in values:
-        found = find_key(value, key)
-        if found is not None:
-            return found
-    return None
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def commands(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -145,7 +96,7 @@ def commands(args: argparse.Namespace) -> dict[str, list[str]]:
 
 def training_figures(result: StageResult, run_dir: Path, matmul: float | None) -> None:
     """Training seconds, tokens/s, peak memory and MFU from the stage's manifest."""
-    manifest = read_json(run_dir / result.stage / "manifest.json")
+    manifest = read_json_if_any(run_dir / result.stage / "manifest.json")
     if manifest is None:
         return
     extra = manifest.get("extra", {})
@@ -155,24 +106,23 @@ def training_figures(result: StageResult, run_dir: Path, matmul: float | None) -
     result.peak_gpu_memory_gib = extra.get("peak_gpu_memory_gib")
     if result.stage not in LLM_STAGES:
         return
-    exported = [read_json(path) for path in sorted((run_dir / result.stage).glob("*.json")) if path.name != "manifest.json"]
-    result.backbone_parameters = find_key([manifest, *exported], "backbone_parameters")
-    result.finetune = find_key(manifest.get("config", {}), "finetune") or "lora"
+    spec = read_json_if_any(run_dir / result.stage / "recommender.json")
+    if spec is not None:
+        result.backbone_parameters = spec.get("backbone_parameters")
+        result.finetune = spec["hparams"]["backbone"].get("finetune", "lora")
     if matmul is None:
         result.mfu_note = "no GPU matmul rate"
     elif not result.backbone_parameters:
-        result.mfu_note = "manifest has no backbone_parameters"
+        result.mfu_note = "no backbone_parameters in recommender.json"
     elif not result.tokens_per_second:
         result.mfu_note = "manifest has no tokens_per_second"
     else:
-        per_token = (6 if result.finetune == "full" else 4) * result.backbone_parameters
-        rate = result.tokens_per_second_steady or result.tokens_per_second
-        result.mfu = rate * per_token / (matmul * 1e12)
+        result.mfu = mfu(spec, result.tokens_per_second_steady or result.tokens_per_second, matmul)
 
 
 def test_figures(result: StageResult, run_dir: Path) -> None:
     model = result.stage.removeprefix("test-")
-    document = read_json(run_dir / "test" / f"{model}-test" / "metrics.json")
+    document = read_json_if_any(run_dir / "test" / f"{model}-test" / "metrics.json")
     if document is None:
         return
     metrics = document.get("metrics", {})
@@ -271,7 +221,8 @@ def main() -> None:
     skip = set(stage_list(args.skip, ()))
     chosen = [stage for stage in STAGES if stage in stage_list(args.stages, STAGES) and stage not in skip]
 
-    matmul, matmul_note = matmul_tflops()
+    matmul = matmul_tflops()
+    matmul_note = "no GPU: MFU not computed" if matmul is None else f"bf16 8192^3 matmul, median of 5: {matmul:.0f} TFLOP/s"
     print(f"bench_pipeline: {matmul_note}", flush=True)
     table = commands(args)
     start = time.perf_counter()

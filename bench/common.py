@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +32,46 @@ def mmrec(*args: str) -> float:
 
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
+
+
+def read_json_if_any(path: Path) -> dict | None:
+    """The document at ``path``, None where a failed stage left none (or a broken one)."""
+    try:
+        return read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def matmul_tflops(size: int = 8192, repeats: int = 5) -> float | None:
+    """Median bf16 rate (TFLOP/s) of a ``size``^3 matrix product on the GPU, CUDA-event timed: the
+    denominator of MFU. None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * size**3 / statistics.median(times) / 1e12
+
+
+def mfu(spec: dict, tokens_per_second: float | None, peak_tflops: float | None, world_size: int = 1) -> float | None:
+    """Model FLOP utilisation of an LLM head's training from its ``recommender.json`` ``spec``: 6 FLOP per
+    backbone parameter and token under full fine-tuning, 4 under LoRA (no weight gradients for frozen
+    weights), over the measured matmul rate of every device. None where a figure is missing."""
+    if not peak_tflops or not tokens_per_second:
+        return None
+    per_token = (6 if spec["hparams"]["backbone"].get("finetune") == "full" else 4) * spec["backbone_parameters"]
+    return per_token * tokens_per_second / (peak_tflops * 1e12 * max(1, world_size))
 
 
 def cpu_name() -> str:

@@ -64,10 +64,14 @@ class StageFolder:
 
     def __init__(self, path: Path, manifest: Manifest) -> None:
         self.path, self.manifest = path, manifest
+        self._verified: dict[str, Path] = {}
 
     def output(self, name: str) -> Path:
-        """The path of output ``name``, refused when missing or changed since the manifest was written."""
-        return self.manifest.verify_output(self.path, name)
+        """The path of output ``name``, refused when missing or changed since the manifest was written.
+        Each output is hashed once per opened folder: a stage asks for the same file several times."""
+        if name not in self._verified:
+            self._verified[name] = self.manifest.verify_output(self.path, name)
+        return self._verified[name]
 
     @property
     def manifest_path(self) -> Path:

@@ -17,6 +17,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 
+def peak_gpu_memory_gib(device: torch.device) -> float | None:
+    """The process's peak allocated GPU memory on ``device`` (GiB), None off a GPU: what a benchmark reports."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
 class TrainingThroughput(Callback):
     """Measures seconds, tokens per second and peak GPU memory of ``trainer.fit``.
 
@@ -87,9 +94,7 @@ class TrainingThroughput(Callback):
         ``tokens_per_second_steady`` (after ``steady_after`` steps; None for a shorter run),
         ``peak_gpu_memory_gib`` (None on CPU), ``world_size`` (training processes)."""
         tokens = int(self.tokens.item()) if self.tokens is not None else 0
-        peak = None
-        if self.device is not None and self.device.type == "cuda":
-            peak = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+        peak = None if self.device is None else peak_gpu_memory_gib(self.device)
         return {
             "train_seconds": round(self.seconds, 2),
             "train_tokens": tokens,

@@ -117,9 +117,6 @@ class EpochSampler(DistributedSampler):
         self.chunk_batches = chunk_batches
         self._start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
     def skip_next(self, count: int) -> None:
         """Let the next iteration start ``count`` indices into this rank's share of the epoch (once)."""
         self._start = int(count)

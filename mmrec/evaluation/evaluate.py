@@ -27,7 +27,7 @@ from mmrec.artifacts.schemas import PREDICTIONS
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.errors import InputError
 from mmrec.evaluation.protocol import AnyRecommender, Recommender, TopKRecommender
-from mmrec.evaluation.topk import top_by_list, top_by_scores
+from mmrec.evaluation.topk import history_items, top_by_list, top_by_scores
 from mmrec.metrics.ranking import DEFAULT_K, RankingMetrics, list_ranks, target_ranks
 
 
@@ -90,11 +90,8 @@ def merge(parts: Sequence[Evaluation]) -> Evaluation:
 
 def seen_items(batch: dict[str, Tensor], num_items: int) -> Tensor:
     """``[B, num_items]`` True for items in the user's history, except the target (which must stay rankable)."""
-    target = batch["target"]
-    index = torch.where(batch["mask"], batch["history"], target[:, None])
-    seen = torch.zeros(len(target), num_items, dtype=torch.bool, device=target.device)
-    seen.scatter_(1, index, True)
-    seen.scatter_(1, target[:, None], False)
+    seen = history_items(batch, num_items)
+    seen.scatter_(1, batch["target"][:, None], False)
     return seen
 
 

@@ -67,14 +67,13 @@ class PipelineState:
         except (OSError, ValueError, TypeError, AttributeError):
             return {}
 
-    def stale(self, step: Step) -> str | None:
-        """Why ``step`` must run, or None when it is up to date."""
+    def stale(self, step: Step, current: dict[str, str]) -> str | None:
+        """Why ``step`` must run, or None when it is up to date; ``current`` is :func:`manifests` now."""
         record = self.records.get(step.name)
         if record is None:
             return "not run by the pipeline yet"
         if record.command != command_hash(step):
             return "its command line or config changed"
-        current = manifests(self.run_dir)
         if current.get(record.folder) != record.manifest_sha256:
             return f"{record.folder}/ was rewritten or removed"
         changed = [folder for folder, sha in record.reads.items() if current.get(folder) != sha]

@@ -61,6 +61,7 @@ class AssignSIDsCLI(StageCLI):
         super().before_instantiate_classes()
         config = self.config
         self.quantizer_folder, modalities = open_quantizer_folder(config.run_dir, config.quantizer_dir)
+        self.quantizer_modalities = modalities
         if not config.data.modalities:
             config.data.modalities = modalities
         elif sorted(config.data.modalities) != modalities:
@@ -74,7 +75,7 @@ class AssignSIDsCLI(StageCLI):
         """The checked folder's quantizer, refused when its branches are not the codebooks' modalities."""
         folder = self.quantizer_folder
         quantizer = load_quantizer(folder.path)
-        books = sorted(load_codebooks(folder.output("codebooks")))
+        books = self.quantizer_modalities
         if sorted(quantizer.codebooks()) != books:
             raise InputError(
                 f"{folder.output('codebooks')} holds codebooks of {books}, but the quantizer of {folder.path} has "

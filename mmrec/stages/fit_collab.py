@@ -19,9 +19,10 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from mmrec.artifacts import Manifest
 from mmrec.artifacts.exports import read_lightning_checkpoint, save_sasrec
+from mmrec.callbacks.throughput import peak_gpu_memory_gib
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.models.sasrec import MONITOR, STAGE, SASRec
-from mmrec.stages.lightning_cli import FitResult, TrainingStageCLI, peak_gpu_memory_gib
+from mmrec.stages.lightning_cli import FitResult, TrainingStageCLI
 
 
 class FitCollabCLI(TrainingStageCLI):

@@ -19,13 +19,14 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-from mmrec.artifacts import Manifest, Stage, work_dir
+from mmrec.artifacts import Manifest, Stage
 from mmrec.artifacts.exports import save_quantizer
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.artifacts.run import save_codebooks
+from mmrec.callbacks.throughput import peak_gpu_memory_gib
 from mmrec.data.datamodules import ItemFeatureDataModule
 from mmrec.models.mm_rqvae import MMRQVAE
-from mmrec.stages.lightning_cli import FitResult, TrainingStageCLI, peak_gpu_memory_gib
+from mmrec.stages.lightning_cli import FitResult, TrainingStageCLI
 
 STAGE = str(Stage.FIT_QUANTIZER)
 CODEBOOKS = "codebooks.safetensors"
@@ -41,15 +42,6 @@ class QuantizerCLI(TrainingStageCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         super().add_arguments_to_parser(parser)
         parser.link_arguments("data.input_dims", "model.input_dims", apply_on="instantiate")
-
-    def before_instantiate_classes(self) -> None:
-        super().before_instantiate_classes()
-        config = self.config
-        if config.trainer.logger in (None, True):
-            config.trainer.logger = {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(work_dir(config.run_dir, STAGE)), "name": "logs"},
-            }
 
     def record_inputs(self, manifest: Manifest) -> None:
         for modality, table in self.datamodule.tables.items():

@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -106,7 +105,7 @@ class StageCLI(LightningCLI):
         config = self.config
         if config.trainer.default_root_dir is None:
             config.trainer.default_root_dir = str(work_dir(config.run_dir, self.work_name))
-        if config.trainer.logger is None:  # unset: CSV curves in the work folder, which `mmrec report` plots
+        if config.trainer.logger in (None, True):  # unset or default: CSV curves in the work folder, which `mmrec report` plots
             config.trainer.logger = {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
                 "init_args": {"save_dir": config.trainer.default_root_dir, "name": "logs"},
@@ -226,13 +225,6 @@ class StageCLI(LightningCLI):
         start = time.perf_counter()
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=resumed_from, weights_only=True)
         return resumed_from, time.perf_counter() - start
-
-
-def peak_gpu_memory_gib(device: torch.device) -> float | None:
-    """The process's peak allocated GPU memory on ``device`` (GiB), None off a GPU: what a benchmark reports."""
-    if device.type != "cuda":
-        return None
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
 @dataclass

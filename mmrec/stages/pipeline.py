@@ -49,12 +49,12 @@ def pipeline(
     root = Path(run_dir)
     state = PipelineState(root)
     for step in steps:
-        reason = "forced" if step.name in forced else state.stale(step)
+        before = manifests(root)
+        reason = "forced" if step.name in forced else state.stale(step, before)
         if reason is None:
             print(f"{step.name}: up to date", flush=True)
             continue
         print(f"{step.name}: running ({reason}): mmrec {' '.join(step.argv)}", flush=True)
-        before = manifests(root)
         outcome = run_stage(list(step.argv), verbose)
         if outcome.returncode != 0:
             raise InputError(f"{step.name}: {failure(step, outcome)}")
