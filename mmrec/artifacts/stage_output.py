@@ -44,6 +44,20 @@ def stage_output(run_dir: str | Path, stage: str, manifest: Manifest) -> Iterato
     publish(tmp, stage_dir(run_dir, stage))
 
 
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; renamed onto ``path`` when the block ends without an error,
+    removed otherwise: a reader never sees half a file, and a failure leaves the previous one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Replace ``final`` by ``tmp`` with renames only, so readers never see a partial folder."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")

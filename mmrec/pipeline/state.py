@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from mmrec.artifacts.manifest import MANIFEST, file_sha256
+from mmrec.artifacts.stage_output import atomic_file
 from mmrec.pipeline.steps import Step
 
 STATE_FILE = "pipeline.json"
@@ -92,9 +92,8 @@ class PipelineState:
             self.records[step.name] = Record(command_hash(step), folder, after[folder], reads)
         else:  # no stage folder (or several) to be up to date with: the step runs again next time
             self.records.pop(step.name, None)
-        tmp = self.path.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({name: asdict(r) for name, r in self.records.items()}, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as partial:
+            partial.write_text(json.dumps({name: asdict(r) for name, r in self.records.items()}, indent=2, sort_keys=True) + "\n")
 
 
 def _manifest(folder: Path) -> dict[str, Any]:

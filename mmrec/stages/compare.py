@@ -11,7 +11,6 @@ The first folder (or the ``--baseline`` group, several seeds of one model) is th
 from __future__ import annotations
 
 import json
-import os
 import re
 from argparse import SUPPRESS
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 from jsonargparse import ArgumentParser
 
+from mmrec.artifacts.stage_output import atomic_file
 from mmrec.errors import InputError
 from mmrec.evaluation.compare import compare as compare_folders
 from mmrec.evaluation.compare import format_comparison
@@ -30,14 +30,6 @@ def default_output(baseline: list[str], candidates: list[list[str]]) -> Path:
     names = [Path(baseline[0]).name, *(Path(side[0]).name for side in candidates)]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-vs-".join(names))
     return Path(baseline[0]).resolve().parent / f"compare-{slug}.json"
-
-
-def write_atomically(path: Path, document: dict[str, Any]) -> None:
-    """Write beside the target and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def compare(
@@ -62,7 +54,8 @@ def compare(
     base, sides = (baseline, [candidate]) if baseline else (folders[:1], [[folder] for folder in folders[1:]])
     result = compare_folders(base, sides, k, bootstrap, seed)
     path = Path(output) if output else default_output(base, sides)
-    write_atomically(path, result)
+    with atomic_file(path) as partial:
+        partial.write_text(json.dumps(result, indent=2) + "\n")
     print(format_comparison(result))
     print(f"wrote {path}")
     return result

@@ -16,7 +16,6 @@ left-padded by :func:`left_pad` and kept whole (models truncate them themselves)
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from jsonargparse import auto_cli
 
 from mmrec.artifacts.schemas import RECOMMENDATIONS, write_table
+from mmrec.artifacts.stage_output import atomic_file
 from mmrec.data.datamodules import left_pad
 from mmrec.data.prepared import PreparedData
 from mmrec.errors import InputError
@@ -137,13 +137,8 @@ def write_recommendations(user_ids: list[str], results: list[list[Recommendation
         },
         schema=RECOMMENDATIONS,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        write_table(table, tmp, RECOMMENDATIONS)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as partial:
+        write_table(table, partial, RECOMMENDATIONS)
     return table.num_rows
 
 

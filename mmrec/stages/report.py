@@ -7,11 +7,11 @@ unless a config turns logging off) and throughput. Figures need matplotlib, the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from jsonargparse import auto_cli
 
+from mmrec.artifacts.stage_output import atomic_file
 from mmrec.reporting.collect import collect
 from mmrec.reporting.figures import require_matplotlib
 from mmrec.reporting.html import render
@@ -30,12 +30,8 @@ def report(run_dir: str = "runs/demo", output: str | None = None) -> Path:
     run = collect(run_dir)
     page = render(run)
     path = Path(output) if output else Path(run_dir) / REPORT
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as partial:
+        partial.write_text(page, encoding="utf-8")
     for line in run.problems:
         print(f"report: could not read {line}")
     print(f"report: wrote {path} ({len(page) / 1024:.0f} KiB; {len(run.tests)} tested models, {len(run.training)} trained stages)")
