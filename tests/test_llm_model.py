@@ -94,8 +94,20 @@ def test_shifted_training_loss_is_the_mean_of_the_prefix_losses(sid_run: Path) -
         assert torch.allclose(model.training_step(shifted, 0), model.training_step(per_prefix, 0), atol=1e-5)
 
 
+def test_fusion_scores_items_never_seen_in_training_by_their_content() -> None:
+    """A new item's head row is untrained: its weight goes to the content scorers, unless it has no content
+    at all (then the head is all that is left)."""
+    counts = torch.tensor([0, 0, 3])
+    text_present = torch.tensor([True, False, True])
+    fusion = FrequencyAwareFusion(hidden=8, item_counts=counts, tables={"text": torch.randn(3, 4)}, present={"text": text_present})
+    weights = fusion.weights()
+    assert torch.equal(weights[0], torch.tensor([0.0, 1.0]))  # new, with text: text only
+    assert torch.equal(weights[1], torch.tensor([1.0, 0.0]))  # new, no content: the head, not NaN
+    assert torch.allclose(weights[2], torch.tensor([0.5, 0.5]))
+
+
 def test_fusion_weights_follow_frequency_and_mask_absent_modalities() -> None:
-    counts = torch.tensor([0, 0, 5, 50, 500])
+    counts = torch.tensor([1, 1, 5, 50, 500])
     text_present = torch.tensor([True, False, True, True, True])
     fusion = FrequencyAwareFusion(
         hidden=8, item_counts=counts, tables={"collab": torch.randn(5, 3), "text": torch.randn(5, 4)},

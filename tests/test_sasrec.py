@@ -112,10 +112,12 @@ def test_prefix_batches_train_on_the_last_position() -> None:
 
 def test_export_writes_embeddings_and_reloads_the_same_model(tmp_path: Path) -> None:
     sasrec = model(item_bias=True)
-    files = save_sasrec(sasrec, tmp_path)
+    trained = np.arange(NUM_ITEMS) != 2  # item 2 never occurs in training (a new item)
+    files = save_sasrec(sasrec, tmp_path, trained)
     matrix, present = embeddings_to_numpy(read_table(files["emb_collab"], "embeddings"), files["emb_collab"])
-    assert matrix.shape == (NUM_ITEMS, 16) and present.all()
-    assert np.allclose(matrix, sasrec.item_embedding.weight.detach().numpy())
+    assert matrix.shape == (NUM_ITEMS, 16) and np.array_equal(present, trained)
+    assert np.allclose(matrix[trained], sasrec.item_embedding.weight.detach().numpy()[trained])
+    assert not matrix[2].any()  # its untrained initial row is not exported as if it were learnt
     reloaded = SASRec.from_state(*read_sasrec(files["sasrec_config"], files["sasrec"])).eval()
     batch = batch_of([[1, 2, 3], [4]])
     with torch.no_grad():

@@ -45,14 +45,17 @@ def _cpu(state: State) -> State:
 
 # ---- SASRec (fit-collab) ---------------------------------------------------------------------------
 
-def save_sasrec(model: SASRec, folder: Path) -> dict[str, Path]:
+def save_sasrec(model: SASRec, folder: Path, trained: np.ndarray) -> dict[str, Path]:
     """Write weights (safetensors), the hyperparameters that rebuild the model, and ``emb_collab.parquet``;
-    return them by manifest name."""
+    return them by manifest name. ``trained [N]`` marks the items that occur in training: the others (new
+    items of the new-item protocol) keep their random initial rows, which carry no collaborative signal, so
+    ``emb_collab.parquet`` marks them absent and later stages treat them as items without that modality."""
     save_file(_cpu(model.state_dict()), str(folder / SASREC_WEIGHTS))
     config = {"format": SASREC_FORMAT, "hyperparameters": model.spec()}
     (folder / SASREC_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     table = model.item_embeddings()
-    write_table(embeddings_table(table, np.ones(len(table), dtype=bool)), folder / EMBEDDINGS, embeddings_schema(table.shape[1]))
+    present = np.asarray(trained, dtype=bool)
+    write_table(embeddings_table(np.where(present[:, None], table, 0), present), folder / EMBEDDINGS, embeddings_schema(table.shape[1]))
     return {"sasrec": folder / SASREC_WEIGHTS, "sasrec_config": folder / SASREC_CONFIG, "emb_collab": folder / EMBEDDINGS}
 
 

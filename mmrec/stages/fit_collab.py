@@ -61,7 +61,7 @@ class FitCollabCLI(TrainingStageCLI):
         }
 
     def publish(self, out: Path, manifest: Manifest) -> None:
-        for name, path in save_sasrec(self.best_model, out).items():
+        for name, path in save_sasrec(self.best_model, out, self.datamodule.prepared.train_item_counts > 0).items():
             manifest.add_output(name, path, rows=self.datamodule.prepared.num_items if name == "emb_collab" else None)
 
 

@@ -7,7 +7,8 @@ For the user representation ``h`` and item ``i`` with ``f_i = log(1 + training c
 
 ``w(f) = softmax(MLP(f))`` over the scorers. The linear head memorises frequent items well; the dot products
 with frozen content/collaborative embeddings generalise to rare ones, and the MLP learns where each wins.
-A modality in which item ``i`` has no embedding gets weight 0 for that item (the rest renormalised).
+A modality in which item ``i`` has no embedding gets weight 0 for that item (the rest renormalised); so does
+the head for an item never seen in training (a new item), whose row is untrained.
 Scores are computed in float32 even under bf16 autocast, so that 12k logits keep distinct values.
 """
 
@@ -55,8 +56,13 @@ class FrequencyAwareFusion(nn.Module):
         log_freq = torch.log1p(item_counts.float())
         std = log_freq.std().clamp(min=1e-6) if num_items > 1 else torch.tensor(1.0)
         self.register_buffer("frequency", ((log_freq - log_freq.mean()) / std).unsqueeze(-1), persistent=False)
-        allowed = [torch.ones(num_items, dtype=torch.bool)] if use_head else []
-        allowed += [present[name].bool() for name in tables]
+        content = [present[name].bool() for name in tables]
+        # The head's row of an item never seen in training (a new item) is untrained: such an item is scored by
+        # its content alone, and by the head only where it has no content either (some scorer must remain).
+        seen = item_counts > 0
+        if content:
+            seen = seen | ~torch.stack(content, dim=-1).any(dim=-1)
+        allowed = ([seen] if use_head else []) + content
         self.register_buffer("allowed", torch.stack(allowed, dim=-1), persistent=False)
         self.weight_mlp = nn.Sequential(nn.Linear(1, mlp_hidden), nn.Tanh(), nn.Linear(mlp_hidden, len(self.scorers)))
         # Start from equal weights: the last layer at zero makes softmax uniform over each item's scorers.
