@@ -1,5 +1,5 @@
 """What an LLM recommender is built from, as tensors: item embeddings, SIDs with their codebooks, training
-item counts and item texts.
+item counts, item texts and, to distil from, the trained SASRec.
 
 The models take a :class:`RecommenderInputs` and never a path, so they can be built in a notebook from
 tensors as well as by a stage from a run folder (:func:`load_recommender_inputs`). A model says which
@@ -14,8 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mmrec.artifacts import Manifest
+from mmrec.artifacts import Manifest, Stage
+from mmrec.artifacts.exports import read_sasrec
+from mmrec.artifacts.manifest import MANIFEST
 from mmrec.data.prepared import PreparedData, load_modality, load_sids
+from mmrec.errors import InputError
+from mmrec.models.sasrec import SASRec
 
 
 @dataclass(frozen=True)
@@ -49,16 +53,20 @@ class RecommenderInputs:
         embeddings: raw item vectors by modality.
         sids: semantic IDs with their codebooks by modality.
         item_texts: each item's text (``""`` where it has none), for heads that read titles.
+        teacher: the trained SASRec whose ranking a head distils while it trains (training only: a head is
+            rebuilt for evaluation without it).
     """
 
     def __init__(
         self, train_item_counts: Tensor, embeddings: dict[str, ItemEmbeddings] | None = None,
         sids: dict[str, SIDCodes] | None = None, item_texts: list[str] | None = None,
+        teacher: SASRec | None = None,
     ) -> None:
         self.train_item_counts = train_item_counts
         self.embeddings = dict(embeddings or {})
         self.sids = dict(sids or {})
         self.item_texts = item_texts
+        self.teacher = teacher
 
     @property
     def num_items(self) -> int:
@@ -67,11 +75,13 @@ class RecommenderInputs:
 
 @dataclass(frozen=True)
 class InputNeeds:
-    """Which inputs a model reads: raw embeddings and SIDs by modality, and whether item texts."""
+    """Which inputs a model reads: raw embeddings and SIDs by modality, whether item texts, and whether the
+    trained SASRec of ``fit-collab`` as a teacher."""
 
     modalities: tuple[str, ...] = ()
     sid_modalities: tuple[str, ...] = ()
     item_texts: bool = False
+    teacher: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ def load_recommender_inputs(
     prepared: PreparedData, needs: InputNeeds
 ) -> tuple[RecommenderInputs, dict[str, InputSource]]:
     """Read what ``needs`` names from the run folder, each file checked against the prepared items, and the
-    files it came from by manifest input name (``emb_<modality>``, ``sids``, ``codebooks``)."""
+    files it came from by manifest input name (``emb_<modality>``, ``sids``, ``codebooks``, ``teacher``)."""
     sources: dict[str, InputSource] = {}
     embeddings = {}
     for name in needs.modalities:
@@ -100,5 +110,26 @@ def load_recommender_inputs(
         for key in ("sids", "codebooks"):
             sources[key] = InputSource(folder.output(key), folder.manifest)
     texts = [text or "" for text in prepared.items.column("text").to_pylist()] if needs.item_texts else None
+    teacher = None
+    if needs.teacher:
+        teacher, sources["teacher"] = load_teacher(prepared)
     counts = torch.from_numpy(prepared.train_item_counts)
-    return RecommenderInputs(counts, embeddings, sids, texts), sources
+    return RecommenderInputs(counts, embeddings, sids, texts, teacher), sources
+
+
+def load_teacher(prepared: PreparedData) -> tuple[SASRec, InputSource]:
+    """The SASRec that ``fit-collab`` exported into the run folder and its weights file (the model freezes it).
+
+    Refused unless it was trained on this run's items and interactions (the same lineage check as ``mmrec
+    test --model sasrec``): its item index is then the prepared items table's, which the recommender shares,
+    and it has seen no interaction of the validation or test split.
+    """
+    path = prepared.run.stage_path(Stage.FIT_COLLAB)
+    problem = f"{path}: no exported SASRec to distil from (model.distill_weight > 0); run `mmrec fit-collab` first or set model.distill_weight 0"
+    if not (path / MANIFEST).is_file():
+        raise InputError(problem)
+    folder = prepared.run.open(Stage.FIT_COLLAB, lineage=("items", "interactions"))
+    if not {"sasrec", "sasrec_config"} <= set(folder.manifest.outputs):
+        raise InputError(problem)
+    weights = folder.output("sasrec")
+    return SASRec.from_state(*read_sasrec(folder.output("sasrec_config"), weights)), InputSource(weights, folder.manifest)

@@ -87,7 +87,8 @@ def load_llm(
     backbone = replace(BackboneSpec(**hparams.pop("backbone")), compile=False)  # evaluation runs eagerly
     if backbone.name_or_path == TINY:
         backbone = replace(backbone, name_or_path=str(export.path / BACKBONE_DIR))
-    inputs, _ = load_recommender_inputs(prepared, cls.input_needs(hparams))
+    needs = replace(cls.input_needs(hparams), teacher=False)  # a distillation teacher only trains: scores come from the LLM
+    inputs, _ = load_recommender_inputs(prepared, needs)
     model = cls(
         inputs=inputs, backbone=load_backbone(backbone), lora=LoRASpec(**hparams.pop("lora")),
         prompt=PromptSpec(**hparams.pop("prompt")), **hparams,

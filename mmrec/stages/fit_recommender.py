@@ -11,7 +11,8 @@ backbone is rebuilt from its source) and live in ``<run_dir>/<export folder>.wor
 per head, so training one head never clears or resumes the other's), with ``last.ckpt`` for ``--resume true``. The checkpoint with the best validation NDCG@10 is exported,
 atomically, to ``<run_dir>/fit-recommender/``: ``adapter/`` (peft), ``heads.safetensors``,
 ``recommender.json``, and a manifest with the inputs, the best validation metrics, training time, tokens/s
-and peak GPU memory.
+and peak GPU memory. With ``model.distill_weight > 0`` the data module also loads ``fit-collab``'s SASRec as
+the teacher (recorded as input ``teacher``); it is used in training steps only, never exported.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from mmrec.artifacts.exports import save_llm_export
 from mmrec.callbacks.throughput import TrainingThroughput
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.data.recommender_inputs import RecommenderInputs
+from mmrec.errors import MMRecError
 from mmrec.models.llm.backbone import Backbone, BackboneSpec, load_backbone
 from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender  # noqa: F401 (imported: --model GenerativeRecommender resolves)
@@ -81,6 +83,17 @@ class FitRecommenderCLI(TrainingStageCLI):
     @property
     def output_name(self) -> str:
         return self.model.export_folder
+
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does, but let mmrec's own errors out as they are: jsonargparse wraps an
+        error raised while it computes a link (the model's inputs: missing SIDs, no teacher to distil from, a
+        bad distillation option) in a ValueError, which would print as a traceback instead of one line."""
+        try:
+            super().instantiate_classes()
+        except ValueError as exc:
+            if isinstance(exc.__cause__, MMRecError):
+                raise exc.__cause__ from None
+            raise
 
     def model_inputs(self, data: SequenceDataModule) -> RecommenderInputs:
         """The catalog tensors the configured head reads, from the data module's run folder."""

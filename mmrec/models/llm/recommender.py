@@ -11,7 +11,9 @@ tokens on Beauty, and the same user state at evaluation as a prompt of that pref
 (item encoder with its code embeddings, fusion head) are trained, so Lightning checkpoints keep only those
 tensors: the frozen backbone is rebuilt from its source when a checkpoint is loaded (see
 :meth:`LLMRecommender.on_save_checkpoint`). The export for ``mmrec test`` is the peft adapter, the heads as
-safetensors and ``recommender.json`` (see :func:`load`).
+safetensors and ``recommender.json`` (see :func:`load`). With ``distill_weight`` the loss also distils the
+trained SASRec's ranking of the catalog (:mod:`~mmrec.models.llm.distill`); the teacher only trains, so
+neither checkpoints nor the export hold it and evaluation never reads it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from mmrec.models.llm.base import (
     LLMRecommenderBase,
     TrainingError,
 )
+from mmrec.models.llm.distill import FrozenTeacher, check_distillation, distillation_loss
 from mmrec.models.llm.fusion import HEAD, FrequencyAwareFusion
 from mmrec.models.llm.item_encoder import ItemEncoder
 from mmrec.models.llm.lora import LoRASpec
@@ -50,8 +53,8 @@ class LLMRecommender(LLMRecommenderBase):
 
     Args:
         inputs: the catalog's tensors: the embeddings of ``modalities`` and of the scoring modalities, the SIDs
-            of ``sid_modalities`` and the training item counts (built by the data module from the run folder
-            and linked in by ``fit-recommender``; see :meth:`input_needs`).
+            of ``sid_modalities``, the training item counts and, with ``distill_weight``, the trained SASRec (built
+            by the data module from the run folder and linked in by ``fit-recommender``; see :meth:`input_needs`).
         max_len: most recent history items read (linked from ``data.max_len``; evaluation truncates to it).
         backbone: the causal LM and its tokenizer, loaded (:func:`~mmrec.models.llm.backbone.load_backbone`;
             see :class:`~mmrec.models.llm.backbone.BackboneSpec` for what it loads). Its spec is recorded in the
@@ -81,6 +84,13 @@ class LLMRecommender(LLMRecommenderBase):
         weight_decay: AdamW weight decay.
         warmup_ratio: share of the training steps with a linear learning-rate warm-up (cosine decay after).
         ks: cutoffs of the validation metrics.
+        distill_weight: share ``w`` of the loss distilled from the trained SASRec of ``fit-collab`` (``inputs.teacher``):
+            ``(1 - w) * CE + w * T^2 * KL(teacher || student)`` over the whole catalog, for every training prefix.
+            The teacher's dense soft targets regularise a head that overfits on the next item alone and give
+            every prefix SASRec's full ranking. Training only: test-time scores come from the LLM alone. In
+            ``[0, 1)``; 0 (the default) trains on cross-entropy alone and loads no teacher.
+        distill_temperature: ``T``, which softens both distributions (above 1 the teacher's lower ranks
+            weigh more); a positive number.
     """
 
     head = "fusion"
@@ -110,6 +120,8 @@ class LLMRecommender(LLMRecommenderBase):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.05,
         ks: list[int] = list(DEFAULT_K),  # noqa: B006
+        distill_weight: float = 0.0,
+        distill_temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["inputs", "backbone"])
@@ -140,10 +152,24 @@ class LLMRecommender(LLMRecommenderBase):
             {name: embeddings[name].present for name in score_modalities},
             use_head=HEAD in scorers, mlp_hidden=fusion_hidden,
         )
+        self.teacher = self._teacher(inputs)
+
+    def _teacher(self, inputs: RecommenderInputs) -> FrozenTeacher | None:
+        """The SASRec to distil from, frozen; None without distillation, and where the inputs hold no teacher
+        (a model rebuilt for evaluation, which never reads it; a training step would refuse)."""
+        if not self.hparams.distill_weight or inputs.teacher is None:
+            return None
+        teacher = FrozenTeacher(inputs.teacher)
+        if teacher.num_items != inputs.num_items:
+            raise InputError(f"the teacher SASRec scores {teacher.num_items} items, but the catalog has {inputs.num_items}")
+        return teacher
 
     @classmethod
     def input_needs(cls, hparams: Mapping[str, Any]) -> InputNeeds:
-        """The raw embeddings of ``modalities`` and of the scoring modalities, the SIDs of ``sid_modalities``."""
+        """The raw embeddings of ``modalities`` and of the scoring modalities, the SIDs of ``sid_modalities``,
+        and the teacher when distilling (the distillation options are checked first, before any is loaded)."""
+        distill_weight = float(hparams.get("distill_weight", 0.0))
+        check_distillation(distill_weight, float(hparams.get("distill_temperature", 1.0)))
         modalities = list(hparams.get("modalities", ["collab", "text"]))
         scorers = hparams.get("scorers")
         scoring = [name for name in scorers if name != HEAD] if scorers is not None else []
@@ -151,6 +177,7 @@ class LLMRecommender(LLMRecommenderBase):
         return InputNeeds(
             modalities=tuple(dict.fromkeys(modalities + scoring)),
             sid_modalities=tuple(modalities if sid_modalities is None else sid_modalities),
+            teacher=distill_weight > 0,
         )
 
     def _sid_embedding(self, inputs: RecommenderInputs, name: str) -> tuple[nn.Module, int]:
@@ -211,14 +238,34 @@ class LLMRecommender(LLMRecommenderBase):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if "targets" in batch:  # shifted: every prefix of each user's sequence in one pass (readout: item)
             states = self.item_states(batch["history"], batch["mask"])
-            targets = batch["targets"][:, -self.max_len:]  # -100 on padding: no sync to drop those rows
+            targets = batch["targets"][:, -self.max_len:].flatten()  # -100 on padding: no sync to drop those rows
             logits = self.fusion(states.flatten(0, 1))
-            loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
         else:
-            logits = self.fusion(self(batch["history"], batch["mask"]))
-            loss = F.cross_entropy(logits, batch["target"])
+            logits, targets = self.fusion(self(batch["history"], batch["mask"])), batch["target"]
+        loss = F.cross_entropy(logits, targets, ignore_index=-100)
+        if self.hparams.distill_weight:
+            loss = self._distilled(loss, logits, targets, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["history"]))
         return loss
+
+    def _distilled(self, ce: Tensor, logits: Tensor, targets: Tensor, batch: dict[str, Tensor]) -> Tensor:
+        """``(1 - w) * ce + w * T^2 * KL(teacher || student)``, the KL averaged over the rows of ``logits`` that
+        are real prefixes (target not -100); both terms are logged."""
+        weight, temperature = self.hparams.distill_weight, self.hparams.distill_temperature
+        distill = distillation_loss(logits, self._teacher_logits(batch), temperature, targets != -100)
+        self.log("train/ce", ce, batch_size=len(batch["history"]))
+        self.log("train/distill", distill, batch_size=len(batch["history"]))
+        return (1 - weight) * ce + weight * distill
+
+    def _teacher_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """The teacher's scores in the rows of the student's logits: after each prompt's history, or in a
+        shifted batch after every position; it reads the same most recent ``max_len`` items as the student."""
+        if self.teacher is None:
+            raise InputError("model.distill_weight > 0 needs the trained SASRec among the inputs (RecommenderInputs.teacher)")
+        history, mask = batch["history"][:, -self.max_len:], batch["mask"][:, -self.max_len:]
+        if "targets" in batch:
+            return self.teacher.prefix_logits(history, mask).flatten(0, 1)
+        return self.teacher.next_item_logits(history, mask)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         scores = self.score_batch(batch)
