@@ -41,6 +41,7 @@ STAGES = (
 TRAINING = ("fit-collab", "fit-quantizer", "fit-recommender", "fit-recommender-generative")
 LLM_STAGES = ("fit-recommender", "fit-recommender-generative")
 TEST_BATCH = {"generative": 1024}  # tree-attention beam search keeps one prompt cache row per user
+BASELINES = ("test-sasrec", "test-popularity")  # evaluations of the baselines: not stages of pipeline.yaml
 
 
 @dataclass
@@ -176,10 +177,15 @@ def markdown(args: argparse.Namespace, results: list[StageResult], matmul_note: 
             f"| {cell(r.metrics.get('recall@10'), '.4f')} | {cell(r.metrics.get('ndcg@10'), '.4f')} | {cell(r.eval_seconds, '.1f')} |"
         )
     failed = [r.stage for r in results if not r.ok]
+    baselines = ", ".join(r.stage for r in results if r.stage in BASELINES)
+    own_s = sum(r.wall_s or 0.0 for r in results if r.stage not in BASELINES)
+    own = (f"- the pipeline's own stages (pipeline.yaml: all but the baselines' evaluations, {baselines}): "
+           f"{own_s:.1f} s ({own_s / 60:.1f} min)")
     lines += [
         "",
         f"- total wall time: {total_s:.1f} s ({total_s / 60:.1f} min) for {len(results)} stage(s)"
         + (f"; failed: {', '.join(failed)}" if failed else ""),
+        *([own] if baselines else []),
         "- MFU: tokens/s x (6 x backbone parameters under full fine-tuning, 4 x under LoRA or frozen) / the rate above",
     ]
     return "\n".join(lines)

@@ -1,85 +1,105 @@
 #!/usr/bin/env bash
-# The unattended GPU session behind the issue-13 figures in bench/RESULTS.md, on a machine with two GPUs
-# (the lent nvidia-h200-x2). Every phase logs to OUT and the session goes on when one fails:
-#   1. GPU 0, alone: the whole Beauty pipeline from the raw files (bench/bench_pipeline.py);
-#   2. GPU 1, once assign-sids is done: the LLM heads' throughput variants (bench/bench_llm_throughput.py);
-#      on a machine with one GPU, GPU 0 after the pipeline (each benchmark has its GPU to itself), and
-#      phases 3 and 4 are skipped;
-#   3. both GPUs: the shipped fusion config under DDP (--trainer.devices 2), then `mmrec test`;
-#   4. both GPUs: cost rows for Llama-3.2-1B and Llama-3-8B shapes (random weights) under FSDP.
+# The unattended GPU session behind the issue-13 and issue-14 figures in bench/RESULTS.md, on a machine with
+# two GPUs (the lent nvidia-h200-x2). Every phase logs to OUT and the session goes on when one fails:
+#   ddp-throughput  both GPUs: the fusion head's tokens/s on 1 GPU, then under DDP on 2 (plain `--trainer.strategy
+#                   ddp`, configs/strategies/fit-recommender-ddp.yaml, and that with a bf16 gradient all-reduce), SmolLM2-135M's
+#                   shape with random weights, on the run
+#                   folder THROUGHPUT_RUN (prepare, fit-collab, assign-sids; no backbone file needed);
+#   pipeline        GPU 0, alone: the whole Beauty pipeline from the raw files (bench/bench_pipeline.py);
+#   diagnosis       GPU 1, once the pipeline's assign-sids is done: fusion-head variants, two at a time, scored on
+#                   the validation split only (bench/bench_seeds.py, one seed each, no time cap: exploratory, issue 14);
+#   ddp-quality     both GPUs, after those: the shipped fusion config under DDP, then `mmrec test`, to hold
+#                   against the pipeline's one-GPU run;
+#   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase started; OUT/done marks the end.
 #
-#   bash bench/gpu_session.sh GGUF TEXT_MODEL DATA_DIR OUT
-# GGUF: SmolLM2-135M-Instruct.Q4_1.gguf; TEXT_MODEL: all-MiniLM-L6-v2 folder; DATA_DIR: user_sequences.txt
-# and items.csv of Amazon Beauty 2014; OUT: where logs, JSON and RESULTS.md sections go.
-# PHASES (default "1 2 3 4") picks phases, e.g. PHASES="3 4" after a session that ran 1 and 2.
-# The session runs longer than one remote call: start it detached (setsid nohup ... &) with an OUT that
-# outlives the call (not a folder that the remote runner empties at every call), and fetch OUT when done.
+#   THROUGHPUT_RUN=DIR bash bench/gpu_session.sh GGUF TEXT_MODEL DATA_DIR OUT
+# GGUF: SmolLM2-135M-Instruct.Q4_1.gguf (it may still be arriving: phases that need it wait for the file);
+# TEXT_MODEL: all-MiniLM-L6-v2 folder; DATA_DIR: user_sequences.txt and items.csv of Amazon Beauty 2014;
+# OUT: where logs, JSON and RESULTS.md sections go. PHASES (default "ddp-throughput pipeline diagnosis
+# ddp-quality") picks phases. The session runs longer than one remote call: start it detached (setsid nohup
+# ... &) with an OUT that outlives the call, and fetch OUT when done.
 set -u
 GGUF=$1 TEXT=$2 DATA=$3 OUT=$4
-PHASES=${PHASES:-1 2 3 4}
+PHASES=${PHASES:-ddp-throughput pipeline diagnosis ddp-quality}
 RUN=runs/beauty
+FUSION=configs/beauty/fit-recommender.yaml
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 RESULTS="$OUT/RESULTS.md"
-GPUS=$(nvidia-smi -L | wc -l)
 stamp() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 phase() { [[ " $PHASES " == *" $1 "* ]]; }
+wait_for() { until [ -f "$1" ]; do sleep 5; done; }
+
+if phase ddp-throughput; then
+  stamp "ddp-throughput: 1 GPU, then DDP on 2"
+  SHAPE="--model.init_args.backbone.name_or_path configs/backbones/smollm2-135m.json --model.init_args.modalities [collab] --model.init_args.prompt.system null"
+  # NCCL_DEBUG=INFO: the log says which transport carries the all-reduce (P2P over NVLink, or SHM through the host)
+  NCCL_DEBUG=INFO python3 bench/bench_llm_throughput.py --run_dir "$THROUGHPUT_RUN" --steps 80 --skip 50 \
+    --title "Fusion head on 1 and 2 GPUs (DDP), SmolLM2-135M shape with random weights, Beauty sequences" \
+    --variant "1 GPU=--config $FUSION $SHAPE" \
+    --variant "DDP, 2 GPUs (--trainer.strategy ddp)=--config $FUSION $SHAPE --trainer.devices 2 --trainer.strategy ddp" \
+    --variant "DDP, 2 GPUs (configs/strategies/fit-recommender-ddp.yaml)=--config $FUSION --config configs/strategies/fit-recommender-ddp.yaml $SHAPE --trainer.devices 2" \
+    --variant "DDP, 2 GPUs (fit-recommender-ddp.yaml, bf16 gradient all-reduce)=--config $FUSION --config configs/strategies/fit-recommender-ddp.yaml $SHAPE --trainer.devices 2 --trainer.strategy.init_args.ddp_comm_hook torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook" \
+    --results "$RESULTS" --json "$OUT/ddp-throughput.json" >"$OUT/ddp-throughput.log" 2>&1
+fi
 
 pipeline=
-if phase 1; then
-  stamp "phase 1: pipeline on GPU 0"
-  CUDA_VISIBLE_DEVICES=0 python3 bench/bench_pipeline.py --run_dir "$RUN" --data_dir "$DATA" --text_model "$TEXT" \
+if phase pipeline; then
+  wait_for "$GGUF"
+  stamp "pipeline on GPU 0"
+  # fresh caches: the timing is that of a new machine (no converted backbone, no compiled kernels)
+  CUDA_VISIBLE_DEVICES=0 MMREC_CACHE_DIR=/tmp/pipeline-cache TORCHINDUCTOR_CACHE_DIR=/tmp/pipeline-inductor \
+    TRITON_CACHE_DIR=/tmp/pipeline-triton python3 bench/bench_pipeline.py --run_dir "$RUN" --data_dir "$DATA" --text_model "$TEXT" \
     --backbone "$GGUF" --results "$RESULTS" --json "$OUT/pipeline.json" >"$OUT/pipeline.log" 2>&1 &
   pipeline=$!
 fi
 
-if phase 2 && [ "$GPUS" -lt 2 ] && [ -n "$pipeline" ]; then
-  wait "$pipeline"
-  stamp "phase 1 done (one GPU: the throughput variants run after it)"
-fi
-if phase 2; then
-  # the backbone may still be arriving when the session starts (it travels in parts): wait for it too
-  until { [ -f "$RUN/assign-sids/manifest.json" ] && [ -f "$GGUF" ]; } || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
-  stamp "phase 2: throughput variants on GPU $((GPUS - 1))"
-  if [ -f "$RUN/assign-sids/manifest.json" ]; then
-    CUDA_VISIBLE_DEVICES=$((GPUS - 1)) python3 bench/bench_llm_throughput.py --run_dir "$RUN" --backbone "$GGUF" \
-      --results "$RESULTS" --json "$OUT/throughput.json" >"$OUT/throughput.log" 2>&1
-  fi
-fi
-[ -n "$pipeline" ] && wait "$pipeline"
-stamp "phases 1 and 2 done"
-if [ "$GPUS" -lt 2 ]; then
-  stamp "one GPU: phases 3 and 4 (DDP, FSDP on 2 GPUs) skipped"
-  PHASES=
+if phase diagnosis; then
+  until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
+  BASE=runs/diagnosis-inputs
+  rm -rf "$BASE" && mkdir -p "$BASE" && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" "$BASE/"
+  stamp "diagnosis on GPU 1 (validation split)"
+  variant() {  # NAME, then fit-recommender options ("--key value", one per argument) after the shipped config
+    local name=$1 option overrides=(--override "--model.backbone.name_or_path $GGUF" --override "--trainer.max_time null")
+    shift
+    for option in "$@"; do overrides+=(--override "$option"); done
+    CUDA_VISIBLE_DEVICES=1 MMREC_CACHE_DIR=/tmp/diagnosis-cache python3 bench/bench_seeds.py --prepared "$BASE" \
+      --stage fit-recommender --config "$FUSION" "${overrides[@]}" --model fusion --seeds 42 --runs "runs/diagnosis/$name" \
+      --test_config configs/beauty/test.yaml --results "$OUT/RESULTS-diagnosis.md" >"$OUT/diagnosis-$name.log" 2>&1
+  }
+  variant shipped & variant distill-0.5 "--model.distill_weight 0.5" & wait
+  variant distill-0.8-t2 "--model.distill_weight 0.8" "--model.distill_temperature 2.0" &
+  variant random-backbone "--model.backbone.name_or_path configs/backbones/smollm2-135m.json" & wait
+  CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli test --config configs/beauty/test.yaml --run_dir "$BASE" --model sasrec --split valid \
+    >"$OUT/diagnosis-sasrec.log" 2>&1
 fi
 
-if phase 3; then
-  stamp "phase 3: fusion head under DDP on 2 GPUs"
+[ -n "$pipeline" ] && wait "$pipeline"
+stamp "pipeline and diagnosis done"
+
+if phase ddp-quality; then
+  stamp "ddp-quality: the shipped fusion config on 2 GPUs"
   DDP=runs/beauty-ddp
   rm -rf "$DDP" && mkdir -p "$DDP" && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" "$DDP/"
   {
-    python3 -m mmrec.cli fit-recommender --config configs/beauty/fit-recommender.yaml --run_dir "$DDP" \
+    python3 -m mmrec.cli fit-recommender --config "$FUSION" --run_dir "$DDP" --trainer.enable_progress_bar false \
       --model.backbone.name_or_path "$GGUF" --trainer.devices 2 --trainer.strategy ddp &&
     python3 -m mmrec.cli test --config configs/beauty/test.yaml --run_dir "$DDP" --model fusion
-  } >"$OUT/ddp.log" 2>&1
-  python3 - "$DDP" "$OUT/ddp.json" <<'EOF'
-import json, pathlib, sys
-run, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-read = lambda path: json.loads(path.read_text()) if path.exists() else None
-out.write_text(json.dumps({"manifest": read(run / "fit-recommender/manifest.json"),
-                           "metrics": read(run / "test/fusion-test/metrics.json")}, indent=1))
-EOF
+  } >"$OUT/ddp-quality.log" 2>&1
+  cp "$DDP/fit-recommender/manifest.json" "$OUT/ddp-quality-manifest.json" 2>/dev/null
+  cp "$DDP/test/fusion-test/metrics.json" "$OUT/ddp-quality-metrics.json" 2>/dev/null
 fi
 
-if phase 4; then
-  stamp "phase 4: FSDP cost rows on 2 GPUs"
-  FUSION="--config configs/beauty/fit-recommender.yaml --config configs/strategies/fit-recommender-fsdp.yaml --trainer.devices 2"
+if phase fsdp; then
+  stamp "fsdp: cost rows on 2 GPUs"
+  FSDP="--config $FUSION --config configs/strategies/fit-recommender-fsdp.yaml --trainer.devices 2"
   LORA="--model.init_args.backbone.finetune lora --model.init_args.backbone.dtype bfloat16 --model.init_args.backbone.compile false"
   python3 bench/bench_llm_throughput.py --run_dir "$RUN" --steps 30 --skip 20 --title "FSDP on 2 GPUs, random-weight backbones" \
-    --variant "Llama-3.2-1B shape, LoRA r 8, FSDP=$FUSION $LORA --model.init_args.backbone.name_or_path configs/backbones/llama-3.2-1b.json --data.batch_size 512" \
-    --variant "Llama-3-8B shape, LoRA r 8, FSDP=$FUSION $LORA --model.init_args.backbone.name_or_path configs/backbones/llama-3-8b.json --data.batch_size 256" \
+    --variant "Llama-3.2-1B shape, LoRA r 8, FSDP=$FSDP $LORA --model.init_args.backbone.name_or_path configs/backbones/llama-3.2-1b.json --data.batch_size 512" \
+    --variant "Llama-3-8B shape, LoRA r 8, FSDP=$FSDP $LORA --model.init_args.backbone.name_or_path configs/backbones/llama-3-8b.json --data.batch_size 256" \
     --results "$RESULTS" --json "$OUT/fsdp.json" >"$OUT/fsdp.log" 2>&1
 fi
+(cd runs && find diagnosis beauty beauty-ddp -path '*logs*' -name metrics.csv 2>/dev/null | tar -czf "$OUT/curves.tgz" -T -)
 stamp "session done"
 touch "$OUT/done"

