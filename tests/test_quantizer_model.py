@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 from torch.utils.data import DataLoader, Dataset
 
 from mmrec.artifacts.exports import read_quantizer, save_quantizer
@@ -217,3 +218,15 @@ def test_compiled_sinkhorn_gives_the_eager_assignment() -> None:
         distances = torch.rand(rows, 16, generator=generator)
         assert torch.equal(balance(distances, 0.05, 30), sinkhorn_codes(distances, 0.05, 30))
     assert balance.compiled is not None  # compiled, not the eager fallback
+
+
+def test_sinkhorn_compiles_once_for_every_batch_size() -> None:
+    """Batches differ in size (items without a modality, the last batch): one dynamic graph must serve them
+    all. A graph specialised to each size recompiled per batch until dynamo gave up (the Beauty quantizer
+    spent most of its time there, bench/RESULTS.md session 6)."""
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    compiled = torch.compile(sinkhorn_codes, backend=counter, dynamic=True)
+    for rows in (1024, 1023, 1021, 1018, 1016, 1013, 1009, 1004, 999, 837):
+        compiled(torch.rand(rows, 16), 0.05, 3)
+    assert counter.frame_count == 1

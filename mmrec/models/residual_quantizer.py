@@ -89,7 +89,9 @@ def sinkhorn_codes(distances: Tensor, epsilon: float, iters: int) -> Tensor:
     low, high = d.min(), d.max()
     logits = -(2 * d - high - low) / ((high - low).clamp_min(1e-12) * epsilon)
     batch, codes = d.shape
-    column_mass = math.log(batch / codes)
+    # log(batch) from a tensor, not math.log: under torch.compile a Python float of the batch size would
+    # specialise the graph to it, and the quantizer's batches vary in size (items without a modality)
+    column_mass = torch.log(d.new_ones(()) * batch) - math.log(codes)
     v = logits.new_zeros(codes)
     for _ in range(iters):
         u = -torch.logsumexp(logits + v, 1, keepdim=True)
