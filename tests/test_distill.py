@@ -254,10 +254,11 @@ def test_bad_options_and_a_missing_teacher_stop_the_stage_with_one_line(
     assert not list((tiny_run / "fit-recommender.work").rglob("*.ckpt"))
 
 
-def test_the_distillation_config_layers_on_the_beauty_config(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_beauty_config_distils_and_the_ablation_config_turns_it_off(capsys: pytest.CaptureFixture[str]) -> None:
     base = ["fit-recommender", "--config", str(ROOT / "configs/beauty/fit-recommender.yaml")]
     assert mmrec([*base, "--print_config"]) == 0
-    assert "distill_weight: 0.0" in capsys.readouterr().out
-    assert mmrec([*base, "--config", str(ROOT / "configs/beauty/fit-recommender-distill.yaml"), "--print_config"]) == 0
     printed = capsys.readouterr().out
-    assert "distill_weight: 0.5" in printed and "distill_temperature: 1.0" in printed and "name_or_path: smollm2" in printed
+    assert "distill_weight: 0.5" in printed and "distill_temperature: 1.0" in printed
+    assert mmrec([*base, "--config", str(ROOT / "configs/beauty/fit-recommender-no-distill.yaml"), "--print_config"]) == 0
+    printed = capsys.readouterr().out
+    assert "distill_weight: 0.0" in printed and "name_or_path: smollm2" in printed
