@@ -188,3 +188,17 @@ def test_kendall_tau_of_distances() -> None:
     assert 0.3 < noisy < 1.0
     with pytest.raises(ValueError):
         kendall_tau_distances(x, x[:10])
+
+
+def test_training_passes_count_each_levels_nearest_codes() -> None:
+    torch.manual_seed(0)
+    rq = ResidualQuantizer(num_levels=2, codebook_size=8, code_dim=2)
+    rq.initialise(torch.randn(64, 2), kmeans_iters=3)
+    rq.train()
+    rq.reset_usage()
+    batches = [torch.randn(32, 2), torch.randn(17, 2)]
+    for batch in batches:
+        rq(batch)
+    codes = torch.cat([rq.nearest_codes(batch)[0] for batch in batches])
+    expected = torch.stack([torch.bincount(codes[:, level], minlength=8) for level in range(2)]).to(rq.usage.dtype)
+    assert torch.equal(rq.usage, expected)

@@ -200,7 +200,9 @@ class ResidualQuantizer(nn.Module):
         )
 
     def _record(self, level: int, residual: Tensor, index: Tensor) -> None:
-        self.usage[level] += torch.bincount(index, minlength=self.codebook_size).to(self.usage.dtype)
+        # index_add_, not bincount: bincount on a GPU reads the largest index back to size its output, a host
+        # sync in every training step for every level
+        self.usage[level].index_add_(0, index, torch.ones_like(index, dtype=self.usage.dtype))
         size = self.pool.shape[1]
         if size == 0:
             return
