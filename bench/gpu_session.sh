@@ -10,6 +10,11 @@
 #                   the validation split only (bench/bench_seeds.py, one seed each, no time cap: exploratory, issue 14);
 #   ddp-quality     both GPUs, after those: the shipped fusion config under DDP, then `mmrec test`, to hold
 #                   against the pipeline's one-GPU run;
+#   seeds           (not in the default list; with pipeline) issue 14's claim on the test split: SASRec for seeds 42-44
+#                   on GPU 1 once prepare is done, then the fusion head with and without distillation for seeds
+#                   42-44 on the pipeline's SASRec and SIDs, two runs a GPU (GPU 1, and GPU 0 once the pipeline
+#                   is done), each `--trainer.max_time null` (early stopping ends it: the shared GPU would
+#                   otherwise cut it short), then bench/bench_seeds.py's mean ± std and `mmrec compare` against SASRec;
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase started; OUT/done marks the end.
 #
@@ -73,6 +78,55 @@ if phase diagnosis; then
   variant random-backbone "--model.backbone.name_or_path configs/backbones/smollm2-135m.json" & wait
   CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli test --config configs/beauty/test.yaml --run_dir "$BASE" --model sasrec --split valid \
     >"$OUT/diagnosis-sasrec.log" 2>&1
+fi
+
+if phase seeds; then
+  # beside the timed pipeline: fewer loader workers and threads, so that it keeps its CPU share
+  export OMP_NUM_THREADS=4
+  SEEDS="42 43 44"
+  wait_for "$RUN/prepare/manifest.json"
+  mkdir -p runs/seeds-inputs/sasrec && cp -r "$RUN/prepare" runs/seeds-inputs/sasrec/
+  stamp "seeds: SASRec on GPU 1"
+  for seed in $SEEDS; do
+    CUDA_VISIBLE_DEVICES=1 python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab \
+      --config configs/beauty/fit-collab.yaml --override "--data.num_workers 2" --model sasrec --seeds "$seed" \
+      --runs runs/seeds/sasrec --split test --test_config configs/beauty/test.yaml --results "$OUT/RESULTS-seeds-single.md" \
+      >"$OUT/seeds-sasrec-$seed.log" 2>&1 &
+  done
+  wait
+  until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
+  mkdir -p runs/seeds-inputs/llm && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" runs/seeds-inputs/llm/
+  stamp "seeds: the fusion head with and without distillation"
+  FUSION_OVERRIDES=(--override "--model.backbone.name_or_path $GGUF" --override "--trainer.max_time null" --override "--data.num_workers 4")
+  QUEUE=runs/seeds-queue && rm -rf "$QUEUE" && mkdir -p "$QUEUE"
+  JOBS=()
+  for seed in $SEEDS; do JOBS+=("distill-$seed" "no-distill-$seed"); done
+  next_job() { local job; for job in "${JOBS[@]}"; do mkdir "$QUEUE/$job" 2>/dev/null && { echo "$job"; return; }; done; }
+  fusion_job() {  # GPU JOB: one seed of one variant, on the test split
+    local gpu=$1 variant=${2%-*} seed=${2##*-} extra=()
+    [ "$variant" = no-distill ] && extra=(--config configs/beauty/fit-recommender-no-distill.yaml)
+    CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py --prepared runs/seeds-inputs/llm --stage fit-recommender \
+      --config "$FUSION" "${extra[@]}" "${FUSION_OVERRIDES[@]}" --model fusion --seeds "$seed" --runs "runs/seeds/fusion-$variant" --split test \
+      --test_config configs/beauty/test.yaml --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-$2.log" 2>&1
+  }
+  worker() { local job; while job=$(next_job) && [ -n "$job" ]; do fusion_job "$1" "$job"; done; }
+  worker 1 & worker 1 &
+  if [ -n "$pipeline" ]; then wait "$pipeline"; fi
+  worker 0 & worker 0 &
+  wait
+  stamp "seeds: mean ± std and mmrec compare"
+  for variant in distill no-distill; do
+    extra=()
+    [ "$variant" = no-distill ] && extra=(--config configs/beauty/fit-recommender-no-distill.yaml)
+    python3 bench/bench_seeds.py --prepared runs/seeds-inputs/llm --stage fit-recommender --config "$FUSION" "${extra[@]}" \
+      "${FUSION_OVERRIDES[@]}" --model fusion --seeds $SEEDS --runs "runs/seeds/fusion-$variant" --split test \
+      --test_config configs/beauty/test.yaml --baseline_runs runs/seeds/sasrec/seed42 runs/seeds/sasrec/seed43 \
+      runs/seeds/sasrec/seed44 --baseline_model sasrec --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-$variant.log" 2>&1
+  done
+  python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
+    --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test --test_config configs/beauty/test.yaml \
+    --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
+  unset OMP_NUM_THREADS
 fi
 
 [ -n "$pipeline" ] && wait "$pipeline"
