@@ -83,14 +83,19 @@ class FrozenTeacher(nn.Module):
         return self.next_item_logits(windows.flatten(0, 1), valid.flatten(0, 1)).unflatten(0, history.shape)
 
 
-def distillation_loss(student: Tensor, teacher: Tensor, temperature: float, valid: Tensor) -> Tensor:
+def distillation_loss(student: Tensor, teacher: Tensor, temperature: float, valid: Tensor, columns: Tensor | None = None) -> Tensor:
     """``T^2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over the rows where ``valid``.
 
-    ``student``, ``teacher``: logits ``[M, N]``; ``valid``: ``[M]`` bool. Rows are masked, not selected, so
-    that no shape depends on the data and the step never waits on the host; float32 throughout.
+    ``student``, ``teacher``: logits ``[M, N]``; ``valid``: ``[M]`` bool; ``columns``: ``[N]`` bool, the items both
+    distributions run over (None: all; the student's logits may be ``-inf`` outside them). Rows are masked, not
+    selected, so that no shape depends on the data and the step never waits on the host; float32 throughout.
     """
-    log_student = F.log_softmax(student.float() / temperature, dim=-1)
-    log_teacher = F.log_softmax(teacher.float() / temperature, dim=-1)
+    student, teacher = student.float() / temperature, teacher.float() / temperature
+    if columns is not None:
+        student, teacher = student.masked_fill(~columns, float("-inf")), teacher.masked_fill(~columns, float("-inf"))
+    log_student, log_teacher = F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
+    if columns is not None:  # 0 * (-inf - -inf) would be NaN, in the backward pass too
+        log_student, log_teacher = log_student.masked_fill(~columns, 0.0), log_teacher.masked_fill(~columns, 0.0)
     divergence = F.kl_div(log_student, log_teacher, reduction="none", log_target=True).sum(dim=-1)
     divergence = torch.where(valid, divergence, torch.zeros_like(divergence))
     return temperature**2 * divergence.sum() / valid.sum().clamp(min=1)

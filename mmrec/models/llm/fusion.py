@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 HEAD = "head"
+COLLABORATIVE = (HEAD, "collab")
 
 
 class FrequencyAwareFusion(nn.Module):
@@ -60,10 +61,13 @@ class FrequencyAwareFusion(nn.Module):
         # The head's row of an item never seen in training (a new item) is untrained: such an item is scored by
         # its content alone, and by the head only where it has no content either (some scorer must remain).
         seen = item_counts > 0
+        self.register_buffer("trained", seen.clone(), persistent=False)
         if content:
             seen = seen | ~torch.stack(content, dim=-1).any(dim=-1)
         allowed = ([seen] if use_head else []) + content
         self.register_buffer("allowed", torch.stack(allowed, dim=-1), persistent=False)
+        # the scorers an item never seen in training lacks: the head, and SASRec's collab embedding
+        self.register_buffer("collaborative", torch.tensor([name in COLLABORATIVE for name in self.scorers]), persistent=False)
         self.weight_mlp = nn.Sequential(nn.Linear(1, mlp_hidden), nn.Tanh(), nn.Linear(mlp_hidden, len(self.scorers)))
         # Start from equal weights: the last layer at zero makes softmax uniform over each item's scorers.
         nn.init.zeros_(self.weight_mlp[-1].weight)
@@ -72,9 +76,17 @@ class FrequencyAwareFusion(nn.Module):
     def table(self, name: str) -> Tensor:
         return getattr(self, f"table_{name}")
 
-    def weights(self) -> Tensor:
-        """Per-item scorer weights ``[N, S]``; rows sum to 1 over the scorers available for that item."""
-        logits = self.weight_mlp(self.frequency).masked_fill(~self.allowed, float("-inf"))
+    def weights(self, as_unseen: Tensor | None = None) -> Tensor:
+        """Per-item scorer weights ``[N, S]``; rows sum to 1 over the scorers available for that item.
+
+        ``as_unseen`` (``[N]`` bool) weighs those items as items never seen in training are weighed: without
+        the head and the collab scorer, by their content alone (an item without content keeps them).
+        """
+        allowed = self.allowed
+        if as_unseen is not None:
+            hidden = allowed & ~(as_unseen[:, None] & self.collaborative[None, :])
+            allowed = torch.where(hidden.any(dim=-1, keepdim=True), hidden, allowed)
+        logits = self.weight_mlp(self.frequency).masked_fill(~allowed, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
     def scores(self, hidden: Tensor) -> Tensor:
@@ -83,7 +95,14 @@ class FrequencyAwareFusion(nn.Module):
         parts += [self.projections[name](hidden) @ self.table(name).T for name in self.modalities]
         return torch.stack(parts)
 
-    def forward(self, hidden: Tensor) -> Tensor:
+    def seen_only(self, logits: Tensor) -> Tensor:
+        """``logits [..., N]`` with every item never seen in training at ``-inf``: the training softmax of a catalog
+        as it was when training ran. Such an item (a new one) would otherwise be a negative of every training
+        sample and be pushed below every item its content resembles, the very items it should rank beside."""
+        return logits.masked_fill(~self.trained, float("-inf"))
+
+    def forward(self, hidden: Tensor, as_unseen: Tensor | None = None) -> Tensor:
+        """Logits ``[B, N]``; ``as_unseen`` scores those items by content alone (see :meth:`weights`)."""
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             hidden = hidden.float()
-            return torch.einsum("sbn,ns->bn", self.scores(hidden), self.weights())
+            return torch.einsum("sbn,ns->bn", self.scores(hidden), self.weights(as_unseen))

@@ -91,6 +91,16 @@ class LLMRecommender(LLMRecommenderBase):
             ``[0, 1)``; 0 (the default) trains on cross-entropy alone and loads no teacher.
         distill_temperature: ``T``, which softens both distributions (above 1 the teacher's lower ranks
             weigh more); a positive number.
+        train_catalog: the items the training softmax (and the distillation) runs over. ``seen``: those with
+            training interactions, as if the catalog held only them while training ran; an item never seen
+            in training (a new item under ``prepare``'s ``split.new_items``, or one that only ever appears as
+            a validation or test target) is then not pushed down as a negative of every sample, and is
+            scored at test time by its content alone (see :class:`~mmrec.models.llm.fusion.FrequencyAwareFusion`).
+            ``all``: every item is a negative. ``seen`` needs ``cold_start_dropout``: otherwise nothing sets the
+            scale of content-only scores, and never-seen items crowd every user's list (bench/RESULTS.md).
+        cold_start_dropout: share of the items, drawn afresh each training step, that are scored as a never-seen
+            item is (without the head and the collab scorer, by their content alone; DropoutNet's idea), so
+            that content-only scores are learnt on the scale of the others. 0: off.
     """
 
     head = "fusion"
@@ -122,6 +132,8 @@ class LLMRecommender(LLMRecommenderBase):
         ks: list[int] = list(DEFAULT_K),  # noqa: B006
         distill_weight: float = 0.0,
         distill_temperature: float = 1.0,
+        train_catalog: Literal["seen", "all"] = "all",
+        cold_start_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["inputs", "backbone"])
@@ -170,6 +182,9 @@ class LLMRecommender(LLMRecommenderBase):
         and the teacher when distilling (the distillation options are checked first, before any is loaded)."""
         distill_weight = float(hparams.get("distill_weight", 0.0))
         check_distillation(distill_weight, float(hparams.get("distill_temperature", 1.0)))
+        share = float(hparams.get("cold_start_dropout", 0.0))
+        if not 0.0 <= share < 1.0:
+            raise InputError(f"model.cold_start_dropout must be in [0, 1) (the share of items scored by content alone), got {share}")
         modalities = list(hparams.get("modalities", ["collab", "text"]))
         scorers = hparams.get("scorers")
         scoring = [name for name in scorers if name != HEAD] if scorers is not None else []
@@ -239,20 +254,30 @@ class LLMRecommender(LLMRecommenderBase):
         if "targets" in batch:  # shifted: every prefix of each user's sequence in one pass (readout: item)
             states = self.item_states(batch["history"], batch["mask"])
             targets = batch["targets"][:, -self.max_len:].flatten()  # -100 on padding: no sync to drop those rows
-            logits = self.fusion(states.flatten(0, 1))
+            logits = self.fusion(states.flatten(0, 1), self._cold_start_items())
         else:
-            logits, targets = self.fusion(self(batch["history"], batch["mask"])), batch["target"]
+            logits, targets = self.fusion(self(batch["history"], batch["mask"]), self._cold_start_items()), batch["target"]
+        if self.hparams.train_catalog == "seen":
+            logits = self.fusion.seen_only(logits)
         loss = F.cross_entropy(logits, targets, ignore_index=-100)
         if self.hparams.distill_weight:
             loss = self._distilled(loss, logits, targets, batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["history"]))
         return loss
 
+    def _cold_start_items(self) -> Tensor | None:
+        """``[N]`` bool: the items this training step scores by content alone (``cold_start_dropout``)."""
+        share = self.hparams.cold_start_dropout
+        if not share:
+            return None
+        return torch.rand(self.num_items, device=self.fusion.frequency.device) < share
+
     def _distilled(self, ce: Tensor, logits: Tensor, targets: Tensor, batch: dict[str, Tensor]) -> Tensor:
         """``(1 - w) * ce + w * T^2 * KL(teacher || student)``, the KL averaged over the rows of ``logits`` that
         are real prefixes (target not -100); both terms are logged."""
         weight, temperature = self.hparams.distill_weight, self.hparams.distill_temperature
-        distill = distillation_loss(logits, self._teacher_logits(batch), temperature, targets != -100)
+        columns = self.fusion.trained if self.hparams.train_catalog == "seen" else None
+        distill = distillation_loss(logits, self._teacher_logits(batch), temperature, targets != -100, columns)
         self.log("train/ce", ce, batch_size=len(batch["history"]))
         self.log("train/distill", distill, batch_size=len(batch["history"]))
         return (1 - weight) * ce + weight * distill

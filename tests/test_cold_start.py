@@ -1,0 +1,95 @@
+"""Cold start in the fusion head (issue 16): never-seen items leave the training softmax, cold-start dropout
+scores a random share of the other items by content alone, and on the new-item protocol the fusion head then
+ranks new targets where SASRec cannot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmrec.cli import main as mmrec
+from mmrec.models.llm.distill import distillation_loss
+from mmrec.models.llm.fusion import FrequencyAwareFusion
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "tests" / "conf"
+
+
+def fusion(counts: list[int], text_present: list[bool]) -> FrequencyAwareFusion:
+    torch.manual_seed(0)
+    n = len(counts)
+    tables = {"collab": torch.randn(n, 4), "text": torch.randn(n, 3)}
+    present = {"collab": torch.tensor(counts) > 0, "text": torch.tensor(text_present)}
+    model = FrequencyAwareFusion(8, torch.tensor(counts), tables, present)
+    torch.nn.init.normal_(model.weight_mlp[-1].weight)  # weights that differ per item
+    return model
+
+
+def test_items_scored_as_unseen_keep_only_their_content() -> None:
+    model = fusion([5, 3, 0, 2], [True, True, True, False])
+    as_unseen = torch.tensor([True, False, False, True])
+    weights = model.weights(as_unseen)
+    assert torch.allclose(weights.sum(-1), torch.ones(4))
+    head, collab, text = (model.scorers.index(name) for name in ("head", "collab", "text"))
+    assert weights[0, head] == 0 and weights[0, collab] == 0 and weights[0, text] == 1
+    assert torch.equal(weights[1], model.weights()[1])  # not drawn: unchanged
+    assert weights[2, text] == 1  # never seen: content alone either way
+    assert torch.equal(weights[3], model.weights()[3])  # no content: keeps what it has rather than nothing
+
+
+def test_the_training_softmax_leaves_never_seen_items_out() -> None:
+    model = fusion([5, 0, 2, 0], [True] * 4)
+    logits = model.seen_only(model(torch.randn(3, 8)))
+    assert torch.isinf(logits[:, [1, 3]]).all() and torch.isfinite(logits[:, [0, 2]]).all()
+    loss = F.cross_entropy(logits, torch.tensor([0, 2, 0]))
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_distillation_over_the_seen_items_is_the_kl_of_those_columns() -> None:
+    torch.manual_seed(0)
+    columns = torch.tensor([True, False, True, True, False])
+    student = torch.randn(4, 5).masked_fill(~columns, float("-inf")).requires_grad_()
+    teacher = torch.randn(4, 5)
+    valid = torch.tensor([True, True, False, True])
+    loss = distillation_loss(student, teacher, 2.0, valid, columns)
+    loss.backward()
+    kept = columns.nonzero().flatten()
+    log_s, log_t = F.log_softmax(student[:, kept] / 2, -1), F.log_softmax(teacher[:, kept] / 2, -1)
+    expected = 4 * (log_t.exp() * (log_t - log_s)).sum(-1)[valid].mean()
+    assert torch.allclose(loss, expected) and torch.isfinite(student.grad).all()
+
+
+def test_on_the_new_item_protocol_the_fusion_head_ranks_new_targets_that_sasrec_cannot(tmp_path: Path) -> None:
+    run = str(tmp_path / "run")
+    image = ["--model.modalities", "[collab, image]"]
+    assert mmrec(["prepare", "--config", str(CONF / "prepare.yaml"), "--run_dir", run, "--split.new_items", "0.25"]) == 0
+    assert mmrec(["fit-collab", "--config", str(CONF / "fit-collab.yaml"), "--run_dir", run, "--trainer.max_steps", "40"]) == 0
+    assert mmrec(["fit-quantizer", "--config", str(CONF / "fit-quantizer.yaml"), "--run_dir", run,
+                  "--data.modalities", "[collab, image]"]) == 0
+    assert mmrec(["assign-sids", "--config", str(CONF / "assign-sids.yaml"), "--run_dir", run]) == 0
+    assert mmrec(["fit-recommender", "--config", str(CONF / "fit-recommender.yaml"), "--config",
+                  str(ROOT / "configs" / "cold-start" / "fit-recommender.yaml"), "--run_dir", run, *image,
+                  "--trainer.max_steps", "120"]) == 0
+    new = {}
+    for model in ("sasrec", "fusion"):
+        assert mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", run, "--model", model,
+                      "--slices", "true", "--history_buckets", "[1, 5]"]) == 0
+        slices = json.loads((Path(run) / "test" / f"{model}-test" / "metrics.json").read_text())["slices"]
+        new[model] = slices["new"]["ndcg@10"]
+        assert slices["new"]["users"] > 0
+    assert new["fusion"] > new["sasrec"]
+
+
+@pytest.mark.parametrize("share", ["-0.1", "1.0"])
+def test_a_cold_start_share_outside_0_1_is_one_line(tiny_run: Path, share: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = mmrec(["fit-recommender", "--config", str(CONF / "fit-recommender.yaml"), "--run_dir", str(tiny_run),
+                  "--model.cold_start_dropout", share])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("mmrec fit-recommender: error: ")]
+    assert code == 2 and len(errors) == 1 and "model.cold_start_dropout" in errors[0] and "Traceback" not in err
+    assert not (tiny_run / "fit-recommender").exists()
