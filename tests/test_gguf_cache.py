@@ -4,62 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mmrec.models.llm import gguf_cache
-from mmrec.models.llm.backbone import BackboneSpec, load_backbone, tiny_backbone
+from mmrec.models.llm.backbone import BackboneSpec, load_backbone
+from tests.fixtures import write_tiny_gguf
 
 TEXT = "Purchase history: lipstick, mascara. Next purchase?"
-
-
-def _heads_first(weight: np.ndarray, heads: int) -> np.ndarray:
-    """llama.cpp's rotary layout of a q/k projection (transformers undoes it when reading a GGUF)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def write_tiny_gguf(path: Path, seed_offset: float = 0.0) -> None:
-    """The ``tiny`` backbone as a float32 llama GGUF (``seed_offset`` shifts one weight: another file)."""
-    model, tokenizer = tiny_backbone()
-    config = model.config
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(10000.0)
-    tokens = [token for token, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * len(tokens))
-    special = set(tokenizer.all_special_tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
-    writer.add_token_merges([])
-    writer.add_eos_token_id(tokenizer.eos_token_id)
-    writer.add_pad_token_id(tokenizer.pad_token_id)
-    state = {name: tensor.float().numpy() for name, tensor in model.state_dict().items()}
-    state["model.norm.weight"] = state["model.norm.weight"] + seed_offset
-    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
-    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
-    names = {"input_layernorm": "attn_norm", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down"}
-    for layer in range(config.num_hidden_layers):
-        ours = f"model.layers.{layer}."
-        for hf_name, gguf_name in names.items():
-            writer.add_tensor(f"blk.{layer}.{gguf_name}.weight", state[f"{ours}{hf_name}.weight"])
-        writer.add_tensor(f"blk.{layer}.attn_q.weight", _heads_first(state[f"{ours}self_attn.q_proj.weight"], config.num_attention_heads))
-        writer.add_tensor(f"blk.{layer}.attn_k.weight", _heads_first(state[f"{ours}self_attn.k_proj.weight"], config.num_key_value_heads))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
 
 
 @pytest.fixture()
@@ -130,3 +83,11 @@ def test_a_conversion_published_first_by_another_process_is_kept(tmp_path: Path)
         (folder / "config.json").write_text(text)
     gguf_cache.publish(staging, target)
     assert (target / "config.json").read_text() == "theirs" and not staging.exists()
+
+
+def test_random_weights_keep_the_shape_and_tokenizer_and_are_the_same_at_every_load(tiny_gguf: Path) -> None:
+    pretrained, ids = _logits(BackboneSpec(name_or_path=str(tiny_gguf)))
+    random, random_ids = _logits(BackboneSpec(name_or_path=str(tiny_gguf), weights="random"))
+    again, _ = _logits(BackboneSpec(name_or_path=str(tiny_gguf), weights="random"))
+    assert random_ids == ids and random.shape == pretrained.shape
+    assert not torch.allclose(random, pretrained) and torch.equal(random, again)

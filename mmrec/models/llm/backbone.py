@@ -34,7 +34,7 @@ from transformers import (
 )
 
 from mmrec.errors import InputError
-from mmrec.models.llm.gguf_cache import converted_backbone
+from mmrec.models.llm.gguf_cache import converted_backbone, plain_config
 
 TINY = "tiny"
 SMOLLM2 = "smollm2"
@@ -45,6 +45,7 @@ CHATML_TEMPLATE = (
 )
 TINY_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TINY_SEED = 0
+RANDOM_WEIGHTS_SEED = 1  # not TINY_SEED: the tiny backbone is itself a seeded random init
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -71,6 +72,9 @@ class BackboneSpec:
             prompt length (regional compilation, :class:`~mmrec.models.compiled.CompiledBlocks`), so the first
             step pays one layer's compilation and later steps run fused kernels. Validation and
             ``mmrec test`` run eagerly.
+        weights: ``random`` keeps the architecture and the tokenizer but starts from freshly initialised
+            weights (a fixed seed, so that an export reloads the same frozen weights): the ablation that asks
+            what language pretraining contributes.
     """
 
     name_or_path: str = TINY
@@ -81,6 +85,7 @@ class BackboneSpec:
     attn_implementation: str = "sdpa"
     finetune: Literal["lora", "full"] = "lora"
     compile: bool = False
+    weights: Literal["pretrained", "random"] = "pretrained"
 
 
 @dataclass(frozen=True, eq=False)
@@ -168,11 +173,23 @@ def load_backbone(spec: BackboneSpec) -> Backbone:
         model = AutoModelForCausalLM.from_pretrained(
             name, dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation, **common
         )
+    if spec.weights == "random":
+        model = reinitialised(model, spec)
     model.requires_grad_(False)
     model.config.use_cache = False
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return Backbone.of(spec, model, tokenizer)
+
+
+def reinitialised(model: PreTrainedModel, spec: BackboneSpec) -> PreTrainedModel:
+    """A model of ``model``'s architecture with fresh random weights, the same for every call (the global RNG
+    is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        return AutoModelForCausalLM.from_config(
+            plain_config(model.config), dtype=DTYPES[spec.dtype], attn_implementation=spec.attn_implementation
+        )
 
 
 def shaped_backbone(config_path: Path, spec: BackboneSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

@@ -16,7 +16,6 @@ GGUF directly, with a warning.
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import shutil
 import warnings
@@ -25,23 +24,16 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from mmrec.artifacts.manifest import file_sha256
 
 CACHE_ENV = "MMREC_CACHE_DIR"
-_CHUNK = 1 << 24
 
 
 def cache_root() -> Path:
     """Where converted backbones live: ``$MMREC_CACHE_DIR`` or ``~/.cache/mmrec``."""
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mmrec").expanduser()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def converted_dir(gguf_path: Path) -> Path:
@@ -74,12 +66,18 @@ def converted_backbone(directory: str, gguf_file: str, trust_remote_code: bool =
     return str(target)
 
 
+def plain_config(config: PretrainedConfig) -> PretrainedConfig:
+    """A copy of a model's config without the GGUF quantizer's entry: its weights are plain tensors by now."""
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def save_plain(model: PreTrainedModel, folder: Path) -> None:
     """Save a de-quantized model as a plain one: ``save_pretrained`` refuses a model loaded from GGUF (it
     keeps the GGUF quantizer attached), though its weights are ordinary float tensors by now."""
-    config = copy.deepcopy(model.config)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    config = plain_config(model.config)
     config.save_pretrained(folder)
     state = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
