@@ -10,11 +10,13 @@
 #                   the validation split only (bench/bench_seeds.py, one seed each, no time cap: exploratory, issue 14);
 #   ddp-quality     both GPUs, after those: the shipped fusion config under DDP, then `mmrec test`, to hold
 #                   against the pipeline's one-GPU run;
-#   seeds           (not in the default list; with pipeline) issue 14's claim on the test split: SASRec for seeds 42-44
-#                   on GPU 1 once prepare is done, then the fusion head with and without distillation for seeds
-#                   42-44 on the pipeline's SASRec and SIDs, two runs a GPU (GPU 1, and GPU 0 once the pipeline
-#                   is done), each `--trainer.max_time null` (early stopping ends it: the shared GPU would
-#                   otherwise cut it short), then bench/bench_seeds.py's mean ± std and `mmrec compare` against SASRec;
+#   seeds           (not in the default list; with pipeline) issue 14 on the test split: SASRec for SEEDS (default
+#                   42 43 44) on GPU 1 once prepare is done, then the fusion head's VARIANTS (default "distill
+#                   no-distill"; the ablations: random-backbone lora no-code-embeddings random-code-init no-collab
+#                   no-text head-only prefix-ngram mse-quantizer) for SEEDS on the pipeline's SASRec and SIDs, two
+#                   runs a GPU (GPU 1, and GPU 0 once the pipeline is done), each `--trainer.max_time null` (early
+#                   stopping ends it: a shared GPU would otherwise cut it short), then bench/bench_seeds.py's
+#                   mean ± std and `mmrec compare` against SASRec's seeds;
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase started; OUT/done marks the end.
 #
@@ -83,7 +85,22 @@ fi
 if phase seeds; then
   # beside the timed pipeline: fewer loader workers and threads, so that it keeps its CPU share
   export OMP_NUM_THREADS=4
-  SEEDS="42 43 44"
+  SEEDS=${SEEDS:-42 43 44}
+  # issue 14's variants of the fusion head: options after the shipped config, "|" between options
+  declare -A VARIANT=(
+    [distill]=""
+    [no-distill]="--config configs/beauty/fit-recommender-no-distill.yaml"
+    [random-backbone]="--model.backbone.weights random"
+    [lora]="--model.backbone.finetune lora|--model.backbone.dtype bfloat16|--model.lora_lr 1e-3"
+    [no-code-embeddings]="--model.sid_modalities []"
+    [random-code-init]="--config configs/beauty/fit-recommender-random-init.yaml"
+    [no-collab]="--model.modalities [text]"
+    [no-text]="--model.modalities [collab]"
+    [head-only]="--model.scorers [head]"
+    [prefix-ngram]="--model.sid_scheme prefix_ngram"
+    [mse-quantizer]=""
+  )
+  VARIANTS=${VARIANTS:-distill no-distill}
   wait_for "$RUN/prepare/manifest.json"
   mkdir -p runs/seeds-inputs/sasrec && cp -r "$RUN/prepare" runs/seeds-inputs/sasrec/
   stamp "seeds: SASRec on GPU 1"
@@ -96,18 +113,33 @@ if phase seeds; then
   wait
   until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
   mkdir -p runs/seeds-inputs/llm && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" runs/seeds-inputs/llm/
-  stamp "seeds: the fusion head with and without distillation"
+  if [[ " $VARIANTS " == *" mse-quantizer "* ]]; then  # the quantizer ablation: its own SIDs, MSE reconstruction
+    MSE=runs/seeds-inputs/llm-mse && mkdir -p "$MSE" && cp -r "$RUN/prepare" "$RUN/fit-collab" "$MSE/"
+    CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli fit-quantizer --config configs/beauty/fit-quantizer.yaml --run_dir "$MSE" \
+      --model.recon_loss mse --trainer.enable_progress_bar false >"$OUT/seeds-mse-quantizer.log" 2>&1 &&
+    CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli assign-sids --config configs/beauty/assign-sids.yaml --run_dir "$MSE" \
+      >>"$OUT/seeds-mse-quantizer.log" 2>&1
+    rm -rf "$MSE/fit-quantizer" "$MSE"/*.work
+  fi
+  stamp "seeds: the fusion head, variants: $VARIANTS"
   FUSION_OVERRIDES=(--override "--model.backbone.name_or_path $GGUF" --override "--trainer.max_time null" --override "--data.num_workers 4")
+  variant_args() {  # VARIANT: bench_seeds arguments (its inputs, then its options)
+    local inputs=runs/seeds-inputs/llm option
+    [ "$1" = mse-quantizer ] && inputs=runs/seeds-inputs/llm-mse
+    printf '%s\n' --prepared "$inputs"
+    IFS='|' read -ra options <<<"${VARIANT[$1]}"
+    for option in "${options[@]}"; do printf '%s\n' --override "$option"; done
+  }
   QUEUE=runs/seeds-queue && rm -rf "$QUEUE" && mkdir -p "$QUEUE"
   JOBS=()
-  for seed in $SEEDS; do JOBS+=("distill-$seed" "no-distill-$seed"); done
+  for seed in $SEEDS; do for variant in $VARIANTS; do JOBS+=("$variant@$seed"); done; done
   next_job() { local job; for job in "${JOBS[@]}"; do mkdir "$QUEUE/$job" 2>/dev/null && { echo "$job"; return; }; done; }
-  fusion_job() {  # GPU JOB: one seed of one variant, on the test split
-    local gpu=$1 variant=${2%-*} seed=${2##*-} extra=()
-    [ "$variant" = no-distill ] && extra=(--config configs/beauty/fit-recommender-no-distill.yaml)
-    CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py --prepared runs/seeds-inputs/llm --stage fit-recommender \
-      --config "$FUSION" "${extra[@]}" "${FUSION_OVERRIDES[@]}" --model fusion --seeds "$seed" --runs "runs/seeds/fusion-$variant" --split test \
-      --test_config configs/beauty/test.yaml --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-$2.log" 2>&1
+  fusion_job() {  # GPU VARIANT@SEED: one seed of one variant, on the test split
+    local gpu=$1 variant=${2%@*} seed=${2#*@} args
+    mapfile -t args < <(variant_args "$variant")
+    CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" \
+      "${FUSION_OVERRIDES[@]}" --model fusion --seeds "$seed" --runs "runs/seeds/fusion-$variant" --split test \
+      --test_config configs/beauty/test.yaml --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-$variant-$seed.log" 2>&1
   }
   worker() { local job; while job=$(next_job) && [ -n "$job" ]; do fusion_job "$1" "$job"; done; }
   worker 1 & worker 1 &
@@ -115,17 +147,16 @@ if phase seeds; then
   worker 0 & worker 0 &
   wait
   stamp "seeds: mean ± std and mmrec compare"
-  for variant in distill no-distill; do
-    extra=()
-    [ "$variant" = no-distill ] && extra=(--config configs/beauty/fit-recommender-no-distill.yaml)
-    python3 bench/bench_seeds.py --prepared runs/seeds-inputs/llm --stage fit-recommender --config "$FUSION" "${extra[@]}" \
-      "${FUSION_OVERRIDES[@]}" --model fusion --seeds $SEEDS --runs "runs/seeds/fusion-$variant" --split test \
-      --test_config configs/beauty/test.yaml --baseline_runs runs/seeds/sasrec/seed42 runs/seeds/sasrec/seed43 \
-      runs/seeds/sasrec/seed44 --baseline_model sasrec --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-$variant.log" 2>&1
+  for variant in $VARIANTS; do
+    mapfile -t args < <(variant_args "$variant")
+    python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" "${FUSION_OVERRIDES[@]}" \
+      --model fusion --seeds $SEEDS --runs "runs/seeds/fusion-$variant" --split test --test_config configs/beauty/test.yaml \
+      --baseline_runs $(for seed in $SEEDS; do echo "runs/seeds/sasrec/seed$seed"; done) --baseline_model sasrec \
+      --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-$variant.log" 2>&1
   done
   python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
-    --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test --test_config configs/beauty/test.yaml \
-    --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
+    --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test \
+    --test_config configs/beauty/test.yaml --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
   unset OMP_NUM_THREADS
 fi
 
