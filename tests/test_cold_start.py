@@ -64,25 +64,46 @@ def test_distillation_over_the_seen_items_is_the_kl_of_those_columns() -> None:
     assert torch.allclose(loss, expected) and torch.isfinite(student.grad).all()
 
 
-def test_on_the_new_item_protocol_the_fusion_head_ranks_new_targets_that_sasrec_cannot(tmp_path: Path) -> None:
-    run = str(tmp_path / "run")
-    image = ["--model.modalities", "[collab, image]"]
-    assert mmrec(["prepare", "--config", str(CONF / "prepare.yaml"), "--run_dir", run, "--split.new_items", "0.25"]) == 0
-    assert mmrec(["fit-collab", "--config", str(CONF / "fit-collab.yaml"), "--run_dir", run, "--trainer.max_steps", "40"]) == 0
-    assert mmrec(["fit-quantizer", "--config", str(CONF / "fit-quantizer.yaml"), "--run_dir", run,
+@pytest.fixture(scope="module")
+def new_item_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny fixture under the new-item protocol (a quarter of the items new), with SASRec and SIDs."""
+    run = tmp_path_factory.mktemp("new-items") / "run"
+    assert mmrec(["prepare", "--config", str(CONF / "prepare.yaml"), "--run_dir", str(run), "--split.new_items", "0.25"]) == 0
+    assert mmrec(["fit-collab", "--config", str(CONF / "fit-collab.yaml"), "--run_dir", str(run), "--trainer.max_steps", "40"]) == 0
+    assert mmrec(["fit-quantizer", "--config", str(CONF / "fit-quantizer.yaml"), "--run_dir", str(run),
                   "--data.modalities", "[collab, image]"]) == 0
-    assert mmrec(["assign-sids", "--config", str(CONF / "assign-sids.yaml"), "--run_dir", run]) == 0
+    assert mmrec(["assign-sids", "--config", str(CONF / "assign-sids.yaml"), "--run_dir", str(run)]) == 0
+    return run
+
+
+def sliced_test(run: Path, model: str) -> int:
+    return mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", str(run), "--model", model,
+                  "--slices", "true", "--history_buckets", "[1, 5]"])
+
+
+def test_on_the_new_item_protocol_the_fusion_head_ranks_new_targets_that_sasrec_cannot(new_item_run: Path) -> None:
     assert mmrec(["fit-recommender", "--config", str(CONF / "fit-recommender.yaml"), "--config",
-                  str(ROOT / "configs" / "cold-start" / "fit-recommender.yaml"), "--run_dir", run, *image,
-                  "--trainer.max_steps", "120"]) == 0
+                  str(ROOT / "configs" / "cold-start" / "fit-recommender.yaml"), "--run_dir", str(new_item_run),
+                  "--model.modalities", "[collab, image]", "--trainer.max_steps", "120"]) == 0
     new = {}
     for model in ("sasrec", "fusion"):
-        assert mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", run, "--model", model,
-                      "--slices", "true", "--history_buckets", "[1, 5]"]) == 0
-        slices = json.loads((Path(run) / "test" / f"{model}-test" / "metrics.json").read_text())["slices"]
+        assert sliced_test(new_item_run, model) == 0
+        slices = json.loads((new_item_run / "test" / f"{model}-test" / "metrics.json").read_text())["slices"]
         new[model] = slices["new"]["ndcg@10"]
         assert slices["new"]["users"] > 0
     assert new["fusion"] > new["sasrec"]
+
+
+def test_slices_of_a_model_that_cannot_rank_new_targets_are_refused(new_item_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The generative head writes collab SIDs, and a new item has none: its new slice would be 0 by construction."""
+    assert mmrec(["fit-recommender", "--config", str(CONF / "fit-recommender-generative.yaml"), "--run_dir", str(new_item_run)]) == 0
+    capsys.readouterr()
+    assert sliced_test(new_item_run, "generative") == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]
+    assert len(errors) == 1 and "cannot rank" in errors[0] and "sid_modality" in errors[0] and "Traceback" not in err
+    assert not (new_item_run / "test" / "generative-test").exists()
+    assert mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", str(new_item_run), "--model", "generative"]) == 0
 
 
 @pytest.mark.parametrize("share", ["-0.1", "1.0"])

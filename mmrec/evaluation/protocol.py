@@ -54,6 +54,15 @@ class TopKRecommender(Protocol):
 
 AnyRecommender = Recommender | TopKRecommender
 
+
+@runtime_checkable
+class PartialCatalog(Protocol):
+    """A model that can never rank some items (the generative head cannot write an item without an SID)."""
+
+    def unrankable_items(self) -> Tensor:
+        """``[num_items]`` bool: True for every item the model can never put in a ranking."""
+        ...
+
 Loader = Callable[[Path, str | None, torch.device], AnyRecommender]
 """``loader(run_dir, checkpoint, device)``: build a trained model from ``run_dir`` (or from ``checkpoint``
 when given, overriding the run's default weights), on ``device`` and in evaluation mode."""

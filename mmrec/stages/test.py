@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from jsonargparse import auto_cli
@@ -24,7 +25,7 @@ from mmrec.artifacts import Manifest, stage_output, write_table
 from mmrec.artifacts.schemas import PREDICTIONS
 from mmrec.errors import InputError
 from mmrec.evaluation.evaluate import evaluate, merge, split_loader
-from mmrec.evaluation.protocol import checkpoint_of
+from mmrec.evaluation.protocol import PartialCatalog, checkpoint_of
 from mmrec.evaluation.registry import load_recommender
 from mmrec.evaluation.report import format_table, metrics_document
 from mmrec.evaluation.slices import DEFAULT_HISTORY_BUCKETS, DEFAULT_SHARES, SliceSpec, check_spec
@@ -53,6 +54,21 @@ def launch(devices: int, device: torch.device) -> Fabric | None:
     fabric = Fabric(accelerator=device.type, devices=devices, strategy="ddp")
     fabric.launch()
     return fabric
+
+
+def refuse_unrankable_targets(recommender: object, model: str, split: str, targets: np.ndarray) -> None:
+    """Refuse slices for a model that can never rank some of the split's targets: its figure on them (the
+    ``new`` slice, typically) would be zero by construction, a property of the model presented as a measurement."""
+    if not isinstance(recommender, PartialCatalog):
+        return
+    unrankable = recommender.unrankable_items().cpu().numpy()
+    blocked = int(unrankable[targets].sum())
+    if blocked:
+        raise InputError(
+            f"--model {model} cannot rank {int(unrankable.sum())} items (no SID in its sid_modality; with collab, every "
+            f"item never seen in training), and {blocked} {split} targets are among them, so its slices would report "
+            "zeros by construction; evaluate it without --slices, or train it with --model.init_args.sid_modality text"
+        )
 
 
 def output_name(model: str, split: str, mask_history: bool) -> str:
@@ -108,6 +124,7 @@ def test(
     spec = None
     if slices:
         histories, targets = prepared.histories(split)
+        refuse_unrankable_targets(recommender, model, split, targets)
         spec = SliceSpec.build(prepared.train_item_counts, histories, targets, slice_shares, history_buckets)
     bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda")
     evaluation = evaluate(

@@ -196,6 +196,11 @@ class GenerativeRecommender(LLMRecommenderBase):
 
     # ---- decoding ----------------------------------------------------------------------------------
 
+    def unrankable_items(self) -> Tensor:
+        """``[N]`` bool: the items without an SID in ``sid_modality``, which beam search can never write (with
+        ``collab``: every item never seen in training, whose SASRec row is exported absent)."""
+        return (self.item_codes < 0).any(dim=1)
+
     def topk_batch(self, batch: dict[str, Tensor], k: int) -> tuple[Tensor, Tensor]:
         """The ``k`` best distinct items per user by constrained beam search (``max(k, num_beams)`` beams)."""
         beams = max(k, self.num_beams)
