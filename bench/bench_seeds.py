@@ -28,6 +28,7 @@ from pathlib import Path
 
 from common import RESULTS, append_section, git_commit, machine, mmrec, read_json
 
+SLICE_METRICS = ("recall@10", "ndcg@10")
 NOT_COPIED = ("test", "*.work", ".*", "pipeline.json", "report.html", "recommend")
 """Another run's results, checkpoints (a seed must not resume from them) and temporary folders."""
 
@@ -45,8 +46,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> Path:
     overrides = [part for override in args.override for part in override.split(maxsplit=1)]
     mmrec(args.stage, *configs, "--run_dir", str(run_dir), "--seed_everything", str(seed), *overrides)
     test_config = ["--config", args.test_config] if args.test_config else []
+    test_options = [part for option in args.test_option for part in option.split(maxsplit=1)]
     mmrec("test", *test_config, "--run_dir", str(run_dir), "--model", args.model, "--split", args.split,
-          "--device", args.device)
+          "--device", args.device, *test_options)
     return folder
 
 
@@ -65,11 +67,15 @@ def mean_std(values: list[float]) -> str:
 
 
 def seeds_table(seeds: list[int], documents: list[dict]) -> list[str]:
-    """One row per metric: mean ± std over seeds (sample std), then each seed's value."""
+    """One row per metric: mean ± std over seeds (sample std), then each seed's value; with ``mmrec test
+    --slices true``, also Recall@10 and NDCG@10 of every slice (``slice / metric``, the slice's users)."""
     rows = [f"| metric | mean ± std ({len(seeds)} seeds) | " + " | ".join(f"seed {s}" for s in seeds) + " |",
             "| --- | --- |" + " --- |" * len(seeds)]
-    for name in metric_names(documents[0]):
-        values = [document["metrics"][name] for document in documents]
+    series = {name: [document["metrics"][name] for document in documents] for name in metric_names(documents[0])}
+    for slice_name, first in documents[0].get("slices", {}).items():
+        for name in SLICE_METRICS if first.get("users") else ():
+            series[f"{slice_name} ({first['users']:,} users) / {name}"] = [d["slices"][slice_name][name] for d in documents]
+    for name, values in series.items():
         rows.append(f"| {name} | {mean_std(values)} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
     return rows
 
@@ -133,6 +139,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, required=True, help="folder that receives one run folder per seed")
     parser.add_argument("--split", choices=["valid", "test"], default="valid", help="select on valid; test once, at the end")
     parser.add_argument("--test_config", help="config for `mmrec test` (e.g. configs/beauty/test.yaml)")
+    parser.add_argument("--test_option", action="append", default=[], help="extra `mmrec test` option, e.g. '--slices true'")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="evaluation device")
     parser.add_argument("--baseline_runs", type=Path, nargs="+", default=[], help="run folders of the baseline's seeds")
     parser.add_argument("--baseline_model", help="the baseline's model name in those runs (default: --model)")

@@ -16,7 +16,9 @@
 #                   no-text head-only prefix-ngram mse-quantizer) for SEEDS on the pipeline's SASRec and SIDs, two
 #                   runs a GPU (GPU 1, and GPU 0 once the pipeline is done), each `--trainer.max_time null` (early
 #                   stopping ends it: a shared GPU would otherwise cut it short), then bench/bench_seeds.py's
-#                   mean ± std and `mmrec compare` against SASRec's seeds;
+#                   mean ± std and `mmrec compare` against SASRec's seeds. Issue 16's comparison: NEW_ITEMS=0.05
+#                   (prepare's split.new_items in the pipeline), SLICES=1 (`mmrec test --slices true`), RUN=runs/beauty-new,
+#                   VARIANTS="cold-start cold-start-prefix-ngram cold-start-all-bigrams cold-start-full-tuple";
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase started; OUT/done marks the end.
 #
@@ -29,7 +31,7 @@
 set -u
 GGUF=$1 TEXT=$2 DATA=$3 OUT=$4
 PHASES=${PHASES:-ddp-throughput pipeline diagnosis ddp-quality}
-RUN=runs/beauty
+RUN=${RUN:-runs/beauty}
 FUSION=configs/beauty/fit-recommender.yaml
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -58,7 +60,8 @@ if phase pipeline; then
   # fresh caches: the timing is that of a new machine (no converted backbone, no compiled kernels)
   CUDA_VISIBLE_DEVICES=0 MMREC_CACHE_DIR=/tmp/pipeline-cache TORCHINDUCTOR_CACHE_DIR=/tmp/pipeline-inductor \
     TRITON_CACHE_DIR=/tmp/pipeline-triton python3 bench/bench_pipeline.py --run_dir "$RUN" --data_dir "$DATA" --text_model "$TEXT" \
-    --backbone "$GGUF" --results "$RESULTS" --json "$OUT/pipeline.json" >"$OUT/pipeline.log" 2>&1 &
+    --backbone "$GGUF" ${NEW_ITEMS:+--override "prepare=--split.new_items $NEW_ITEMS"} \
+    --results "$RESULTS" --json "$OUT/pipeline.json" >"$OUT/pipeline.log" 2>&1 &
   pipeline=$!
 fi
 
@@ -99,7 +102,12 @@ if phase seeds; then
     [head-only]="--model.scorers [head]"
     [prefix-ngram]="--model.sid_scheme prefix_ngram"
     [mse-quantizer]=""
+    [cold-start]="--config configs/cold-start/fit-recommender.yaml"
+    [cold-start-prefix-ngram]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme prefix_ngram"
+    [cold-start-all-bigrams]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme all_bigrams"
+    [cold-start-full-tuple]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme full_tuple"
   )
+  TEST_OPTIONS=(${SLICES:+--test_option "--slices true"})
   VARIANTS=${VARIANTS:-distill no-distill}
   wait_for "$RUN/prepare/manifest.json"
   mkdir -p runs/seeds-inputs/sasrec && cp -r "$RUN/prepare" runs/seeds-inputs/sasrec/
@@ -107,8 +115,8 @@ if phase seeds; then
   for seed in $SEEDS; do
     CUDA_VISIBLE_DEVICES=1 python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab \
       --config configs/beauty/fit-collab.yaml --override "--data.num_workers 2" --model sasrec --seeds "$seed" \
-      --runs runs/seeds/sasrec --split test --test_config configs/beauty/test.yaml --results "$OUT/RESULTS-seeds-single.md" \
-      >"$OUT/seeds-sasrec-$seed.log" 2>&1 &
+      --runs runs/seeds/sasrec --split test --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" \
+      --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-sasrec-$seed.log" 2>&1 &
   done
   wait
   until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
@@ -139,7 +147,8 @@ if phase seeds; then
     mapfile -t args < <(variant_args "$variant")
     CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" \
       "${FUSION_OVERRIDES[@]}" --model fusion --seeds "$seed" --runs "runs/seeds/fusion-$variant" --split test \
-      --test_config configs/beauty/test.yaml --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-$variant-$seed.log" 2>&1
+      --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS-seeds-single.md" \
+      >"$OUT/seeds-$variant-$seed.log" 2>&1
   }
   worker() { local job; while job=$(next_job) && [ -n "$job" ]; do fusion_job "$1" "$job"; done; }
   worker 1 & worker 1 &
@@ -151,12 +160,12 @@ if phase seeds; then
     mapfile -t args < <(variant_args "$variant")
     python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" "${FUSION_OVERRIDES[@]}" \
       --model fusion --seeds $SEEDS --runs "runs/seeds/fusion-$variant" --split test --test_config configs/beauty/test.yaml \
-      --baseline_runs $(for seed in $SEEDS; do echo "runs/seeds/sasrec/seed$seed"; done) --baseline_model sasrec \
+      "${TEST_OPTIONS[@]}" --baseline_runs $(for seed in $SEEDS; do echo "runs/seeds/sasrec/seed$seed"; done) --baseline_model sasrec \
       --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-$variant.log" 2>&1
   done
   python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
     --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test \
-    --test_config configs/beauty/test.yaml --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
+    --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
   unset OMP_NUM_THREADS
 fi
 
