@@ -35,6 +35,14 @@ ITEMS = _schema(
 """One row per item, ``item_idx`` dense 0..N-1 in first-appearance order. ``text`` is the rendered item
 text (null when the item has none); ``image`` a path or URL (null when none)."""
 
+OPTIONAL_FIELDS: dict[str, list[pa.Field]] = {
+    "items": [pa.field("text_refined", pa.string())],
+}
+"""Columns added to a schema after its version was fixed, by schema name. A file written before a column
+existed lacks it: the reader adds it as nulls, so old run folders stay readable without a version bump, and
+writers may leave it out. ``items.text_refined`` is the language-model rewrite of ``text`` (``prepare``'s
+``text.refine``; null where not refined)."""
+
 USERS = _schema(
     "users",
     [
@@ -112,9 +120,22 @@ def schema_name(schema: pa.Schema) -> str:
     return (schema.metadata or {}).get(_META_KEY, b"").decode(errors="replace")
 
 
+def optional_fields(schema: pa.Schema) -> list[pa.Field]:
+    """The optional columns of ``schema`` (see :data:`OPTIONAL_FIELDS`)."""
+    return OPTIONAL_FIELDS.get(schema_name(schema).split("/")[0], [])
+
+
+def with_optional(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with its optional columns: what a writer that has them all builds its table with."""
+    return pa.schema([*schema, *optional_fields(schema)], metadata=schema.metadata)
+
+
 def write_table(table: pa.Table, path: str | Path, schema: pa.Schema) -> None:
-    """Write ``table`` cast to ``schema``; callers write into a stage's temporary folder (see stage_output)."""
-    table = table.select(schema.names).cast(schema)
+    """Write ``table`` cast to ``schema`` (with those optional columns it has); callers write into a stage's
+    temporary folder (see stage_output)."""
+    target = pa.schema([*schema, *(f for f in optional_fields(schema) if f.name in table.column_names)],
+                       metadata=schema.metadata)
+    table = table.select(target.names).cast(target)
     pq.write_table(table.replace_schema_metadata(schema.metadata), str(path), compression="zstd")
 
 
@@ -122,7 +143,8 @@ def read_table(path: str | Path, schema: pa.Schema | str) -> pa.Table:
     """Read a Parquet artifact and check it against ``schema``.
 
     ``schema`` may be a schema name (``"embeddings"``) for variable-width schemas; then only the name,
-    version and column names are checked and the caller checks widths.
+    version and column names are checked and the caller checks widths. Optional columns the file lacks are
+    returned as nulls.
     """
     path = Path(path)
     if not path.is_file():
@@ -140,14 +162,18 @@ def read_table(path: str | Path, schema: pa.Schema | str) -> pa.Table:
             f"found {found or 'no mmrec schema metadata'}"
         )
     if isinstance(schema, pa.Schema):
-        for field in schema:
+        optional = optional_fields(schema)
+        for field in optional:
+            if field.name not in table.schema.names:
+                table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+        for field in [*schema, *optional]:
             if field.name not in table.schema.names:
                 raise InputError(f"{path}: missing column '{field.name}' ({field.type})")
             actual = table.schema.field(field.name).type
             if actual != field.type:
                 raise InputError(f"{path}: column '{field.name}' has type {actual}, expected {field.type}")
             _require_no_nulls(table, field, path)
-        table = table.select(schema.names)
+        table = table.select([*schema.names, *(field.name for field in optional)])
     return table
 
 

@@ -7,17 +7,24 @@ are used. Image decoding is optional: ``.npy`` arrays (``H x W``, ``H x W x C``;
 [0, 1]) are read with numpy alone; other formats (JPEG, PNG, ...) need Pillow. Items without an image
 reference get ``present=False``; an unreadable image is an error, or masked and counted with
 ``unreadable: mask`` (dead URLs are common in crawled catalogs).
+
+``preprocess`` names a function applied to each decoded image before it is resized for the encoder: the hook
+for VL-CLIP's visual grounding (crop the product out of a lifestyle photo with a detector queried by the
+product type). It receives the image (``H x W x 3`` float32 in [0, 1]) and the item's text, and returns an
+image (a ``uint8`` or [0, 1] float array, or a PIL image).
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import re
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +38,9 @@ from mmrec.errors import InputError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+Preprocess = Callable[[np.ndarray, "str | None"], Any]
+"""``(image H x W x 3 float32 in [0, 1], the item's text or None) -> image``."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +63,12 @@ class ImageOptions:
         device: where the encoder runs.
         unreadable: ``fail`` on an image that cannot be read or decoded, or ``mask`` it and count it.
         dim: expected embedding width; a file or encoder giving another width is an error.
+        preprocess: import path (``package.module.function`` or ``package.module:function``) of a function
+            ``(image, text) -> image`` applied to each decoded image before the encoder: the place for
+            visual grounding (crop the product region, VL-CLIP) or any other image clean-up; ``null``: none.
+            It receives ``H x W x 3`` float32 in [0, 1] and the item's rendered text (``None`` without), and
+            returns a ``uint8`` or [0, 1] float array or a PIL image. An exception in it counts as an
+            unreadable image (``unreadable``).
     """
 
     precomputed: str | None = None
@@ -68,6 +84,7 @@ class ImageOptions:
     device: str = "cpu"
     unreadable: Literal["fail", "mask"] = "fail"
     dim: int | None = None
+    preprocess: str | None = None
 
     def check(self) -> None:
         """Fail on values that would only break once encoding starts."""
@@ -77,6 +94,10 @@ class ImageOptions:
                 raise InputError(f"image.{name} must be at least 1, got {value!r}")
         if self.std is not None and 0 in self.std:
             raise InputError(f"image.std must not contain 0, got {list(self.std)}")
+        if self.preprocess is not None:
+            if self.precomputed:
+                raise InputError("image.preprocess applies to images the encoder reads; image.precomputed is set")
+            load_preprocess(self.preprocess)
 
     def input_paths(self) -> list[InputPath]:
         """The precomputed file, the image root, and a local Hugging Face model folder."""
@@ -131,6 +152,29 @@ class HFVisionEncoder(nn.Module):
             if isinstance(value, torch.Tensor):
                 return value.flatten(1)
         return output.last_hidden_state.mean(dim=1)
+
+
+def load_preprocess(path: str) -> Preprocess:
+    """The function ``image.preprocess`` names, imported; one error line when it cannot be."""
+    if not isinstance(path, str) or not path.strip():
+        raise InputError(f"image.preprocess must be an import path such as my_package.images:crop, got {path!r}")
+    module, _, name = path.partition(":") if ":" in path else path.rpartition(".")
+    try:
+        hook = getattr(importlib.import_module(module), name)
+    except Exception as exc:  # noqa: BLE001 (importing user code can fail in any way; report it in one line)
+        raise InputError(f"image.preprocess: cannot import '{path}' ({type(exc).__name__}: {exc})") from None
+    if not callable(hook):
+        raise InputError(f"image.preprocess: '{path}' is not a function")
+    return hook
+
+
+def preprocessed(hook: Preprocess, image: np.ndarray, text: str | None, reference: str) -> np.ndarray:
+    """``hook``'s output as ``H x W x 3`` float32 in [0, 1]; its failures are the image's (ValueError)."""
+    try:
+        output = np.asarray(hook(image, text))
+    except Exception as exc:  # noqa: BLE001 (user code: treated as an unreadable image, per image.unreadable)
+        raise ValueError(f"{reference}: image.preprocess failed ({type(exc).__name__}: {exc})") from None
+    return _as_rgb(output, f"{reference} after image.preprocess")
 
 
 def build_encoder(options: ImageOptions) -> tuple[nn.Module, Preprocessing]:
@@ -199,10 +243,13 @@ class ImageEmbeddings:
 
 
 @torch.no_grad()
-def encode_images(references: list[str | None], item_ids: list[str], options: ImageOptions) -> ImageEmbeddings:
-    """Encode each item's image; items without a reference (or, with ``unreadable: mask``, with an
-    unreadable one) are masked."""
+def encode_images(
+    references: list[str | None], item_ids: list[str], options: ImageOptions, texts: list[str | None] | None = None
+) -> ImageEmbeddings:
+    """Encode each item's image (through ``image.preprocess``, which sees the item's text, when set); items
+    without a reference (or, with ``unreadable: mask``, with an unreadable one) are masked."""
     encoder, preprocessing = build_encoder(options)
+    hook = load_preprocess(options.preprocess) if options.preprocess is not None else None
     encoder = encoder.eval().to(options.device)
     todo = [row for row, reference in enumerate(references) if reference is not None]
     present = np.zeros(len(references), dtype=bool)
@@ -214,7 +261,10 @@ def encode_images(references: list[str | None], item_ids: list[str], options: Im
         batch_rows, tensors = [], []
         for row in todo[start:start + options.batch_size]:
             try:
-                tensors.append(to_tensor(read_image(str(references[row]), options.root), preprocessing))
+                image = read_image(str(references[row]), options.root)
+                if hook is not None:
+                    image = preprocessed(hook, image, texts[row] if texts else None, str(references[row]))
+                tensors.append(to_tensor(image, preprocessing))
                 batch_rows.append(row)
             except (OSError, ValueError, EOFError, HTTPException) as exc:
                 if options.unreadable == "fail":

