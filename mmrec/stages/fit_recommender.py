@@ -29,7 +29,6 @@ from mmrec.artifacts.exports import save_llm_export
 from mmrec.callbacks.throughput import TrainingThroughput
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.data.recommender_inputs import RecommenderInputs
-from mmrec.errors import MMRecError
 from mmrec.models.llm.backbone import Backbone, BackboneSpec, load_backbone
 from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender  # noqa: F401 (imported: --model GenerativeRecommender resolves)
@@ -83,17 +82,6 @@ class FitRecommenderCLI(TrainingStageCLI):
     @property
     def output_name(self) -> str:
         return self.model.export_folder
-
-    def instantiate_classes(self) -> None:
-        """Instantiate as LightningCLI does, but let mmrec's own errors out as they are: jsonargparse wraps an
-        error raised while it computes a link (the model's inputs: missing SIDs, no teacher to distil from, a
-        bad distillation option) in a ValueError, which would print as a traceback instead of one line."""
-        try:
-            super().instantiate_classes()
-        except ValueError as exc:
-            if isinstance(exc.__cause__, MMRecError):
-                raise exc.__cause__ from None
-            raise
 
     def model_inputs(self, data: SequenceDataModule) -> RecommenderInputs:
         """The catalog tensors the configured head reads, from the data module's run folder."""

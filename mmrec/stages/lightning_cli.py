@@ -45,7 +45,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 
 from mmrec.artifacts import Manifest, stage_output, work_dir
-from mmrec.errors import InputError
+from mmrec.errors import InputError, MMRecError
 from mmrec.stages.resume import PARTIAL_SUFFIX, AtomicCheckpointIO, LoaderPosition, MidEpochCheckpoint, RNGState
 
 DEFAULT_SEED = 42
@@ -127,6 +127,17 @@ class StageCLI(LightningCLI):
             **self.trainer_defaults,
             "callbacks": [*(defaults if isinstance(defaults, list) else [defaults]), *resume_callbacks],
         }
+
+    def instantiate_classes(self) -> None:
+        """Instantiate as LightningCLI does, but let mmrec's own errors out as they are: jsonargparse wraps an
+        error raised while it computes a link (a model's inputs: missing SIDs, no teacher to distil from, a bad
+        option) in a ValueError, which would print as a traceback instead of one line."""
+        try:
+            super().instantiate_classes()
+        except ValueError as exc:
+            if isinstance(exc.__cause__, MMRecError):
+                raise exc.__cause__ from None
+            raise
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The Trainer, or the stage's one-line error for a setting Lightning rejects or the stage cannot run
