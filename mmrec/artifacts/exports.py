@@ -19,6 +19,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mmrec.artifacts.run import RunFolder, Stage, StageFolder
 from mmrec.artifacts.schemas import embeddings_schema, embeddings_table, write_table
 from mmrec.errors import InputError
 
@@ -69,6 +70,13 @@ def read_sasrec(config: Path, weights: Path) -> tuple[Hyperparameters, State]:
     if spec.get("format") != SASREC_FORMAT:
         raise InputError(f"{config}: expected format {SASREC_FORMAT}, found {spec.get('format')}")
     return spec["hyperparameters"], load_file(str(weights))
+
+
+def read_exported_sasrec(run: RunFolder) -> tuple[Hyperparameters, State, StageFolder]:
+    """The SASRec ``fit-collab`` exported into ``run``, refused unless it was trained on the run's items and
+    interactions (so its item index is the prepared table's): hyperparameters, tensors, and its folder."""
+    folder = run.open(Stage.FIT_COLLAB, lineage=("items", "interactions"))
+    return (*read_sasrec(folder.output("sasrec_config"), folder.output("sasrec")), folder)
 
 
 def read_lightning_checkpoint(path: Path) -> tuple[Hyperparameters, State]:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from mmrec.artifacts import Manifest, Stage
-from mmrec.artifacts.exports import read_sasrec
+from mmrec.artifacts.exports import read_exported_sasrec
 from mmrec.artifacts.manifest import MANIFEST
 from mmrec.data.prepared import PreparedData, load_modality, load_sids
 from mmrec.errors import InputError
@@ -126,10 +126,7 @@ def load_teacher(prepared: PreparedData) -> tuple[SASRec, InputSource]:
     """
     path = prepared.run.stage_path(Stage.FIT_COLLAB)
     problem = f"{path}: no exported SASRec to distil from (model.distill_weight > 0); run `mmrec fit-collab` first or set model.distill_weight 0"
-    if not (path / MANIFEST).is_file():
+    if not (path / MANIFEST).is_file() or not {"sasrec", "sasrec_config"} <= set(Manifest.read(path).outputs):
         raise InputError(problem)
-    folder = prepared.run.open(Stage.FIT_COLLAB, lineage=("items", "interactions"))
-    if not {"sasrec", "sasrec_config"} <= set(folder.manifest.outputs):
-        raise InputError(problem)
-    weights = folder.output("sasrec")
-    return SASRec.from_state(*read_sasrec(folder.output("sasrec_config"), weights)), InputSource(weights, folder.manifest)
+    hparams, state, folder = read_exported_sasrec(prepared.run)
+    return SASRec.from_state(hparams, state), InputSource(folder.output("sasrec"), folder.manifest)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from mmrec.artifacts import RunFolder, Stage
-from mmrec.artifacts.exports import read_lightning_checkpoint, read_sasrec
+from mmrec.artifacts import RunFolder
+from mmrec.artifacts.exports import read_exported_sasrec, read_lightning_checkpoint, read_sasrec
 from mmrec.data.prepared import PreparedData
 from mmrec.errors import InputError
 from mmrec.models.popularity import Popularity
@@ -35,9 +35,8 @@ def load_sasrec(run_dir: Path, checkpoint: str | None, device: torch.device) -> 
     on the interactions of this run's ``prepare`` stage.
     """
     if checkpoint is None:
-        folder = RunFolder(run_dir).open(Stage.FIT_COLLAB, lineage=("items", "interactions"))
-        weights = folder.output("sasrec")
-        model = SASRec.from_state(*read_sasrec(folder.output("sasrec_config"), weights))
+        hparams, state, folder = read_exported_sasrec(RunFolder(run_dir))
+        model, weights = SASRec.from_state(hparams, state), folder.output("sasrec")
     else:
         weights = Path(checkpoint)
         if not weights.is_file():
