@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import string
 import sys
 import time
@@ -38,6 +37,7 @@ from typing import Any
 from tqdm import tqdm
 
 from mmrec.artifacts.manifest import file_sha256
+from mmrec.artifacts.stage_output import atomic_file
 from mmrec.cache import cache_root
 from mmrec.data.config_paths import InputPath, looks_local
 from mmrec.errors import InputError
@@ -327,14 +327,9 @@ def read_entry(path: Path) -> ItemRefinement | None:
 
 
 def write_entry(path: Path, item: ItemRefinement) -> None:
-    """Write atomically (temp file + rename), so a crash or a concurrent run never leaves half an entry."""
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    """Write atomically, so a crash or a concurrent run never leaves half an entry."""
+    with atomic_file(path) as partial:
         partial.write_text(json.dumps(item.as_entry(), ensure_ascii=False), encoding="utf-8")
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def backbone_generator(options: RefineOptions, seed: int) -> Generate:
@@ -391,13 +386,14 @@ def refine_texts(
     identity = model_identity(options.model)
     folder = cache_root(cache_dir) / CACHE_FOLDER if options.cache else None
     unique = list(dict.fromkeys(text for text in texts if text is not None and text.strip()))
-    outcomes = cached_outcomes(unique, folder, identity, options)
+    paths = {text: cache_path(folder, cache_key(text, identity, options)) for text in unique} if folder else {}
+    outcomes = cached_outcomes(paths)
     from_cache = set(outcomes)
     missing = [text for text in unique if text not in outcomes]
     loop = LoopResult([])
     if missing:
         generate = (generator or backbone_generator)(options, seed)
-        outcomes.update(generated_outcomes(missing, generate, options, folder, identity, loop))
+        outcomes.update(generated_outcomes(missing, generate, options, paths, loop))
     if loop.first_error:
         print(f"mmrec prepare: warning: text.refine: generation failed for {loop.failed_batches} batch(es), whose "
               f"items keep their original text (first: {loop.first_error})", file=sys.stderr)
@@ -407,29 +403,25 @@ def refine_texts(
     return Refinement([outcomes[text].text if text in outcomes else text for text in texts], summary)
 
 
-def cached_outcomes(
-    texts: list[str], folder: Path | None, identity: str, options: RefineOptions
-) -> dict[str, ItemRefinement]:
-    """The cached outcome of each text that has one; unreadable entries are skipped with one warning."""
-    if folder is None:
-        return {}
+def cached_outcomes(paths: dict[str, Path]) -> dict[str, ItemRefinement]:
+    """The cached outcome of each text that has one (``paths``: each text's cache entry; empty without a
+    cache); unreadable entries are skipped with one warning."""
     found, unreadable = {}, 0
-    for text in texts:
+    for text, path in paths.items():
         try:
-            entry = read_entry(cache_path(folder, cache_key(text, identity, options)))
+            entry = read_entry(path)
         except ValueError:
             entry, unreadable = None, unreadable + 1
         if entry is not None:
             found[text] = entry
     if unreadable:
-        print(f"mmrec prepare: warning: {unreadable} unreadable text-refinement cache entries in {folder} ignored "
-              "(recomputed)", file=sys.stderr)
+        print(f"mmrec prepare: warning: {unreadable} unreadable text-refinement cache entries ignored (recomputed)",
+              file=sys.stderr)
     return found
 
 
 def generated_outcomes(
-    texts: list[str], generate: Generate, options: RefineOptions, folder: Path | None, identity: str,
-    total: LoopResult,
+    texts: list[str], generate: Generate, options: RefineOptions, paths: dict[str, Path], total: LoopResult,
 ) -> dict[str, ItemRefinement]:
     """Run the loop chunk by chunk, caching each chunk's outcomes as it finishes (except those of batches that
     raised, which the next run retries); ``total`` accumulates the generation counts."""
@@ -441,8 +433,8 @@ def generated_outcomes(
         _absorb(total, chunk)
         for text, item in zip(chunk_texts, chunk.items):
             outcomes[text] = item
-            if folder is not None and item.failed is not Failure.ERROR:
-                _cache(cache_path(folder, cache_key(text, identity, options)), item)
+            if text in paths and item.failed is not Failure.ERROR:
+                _cache(paths[text], item)
         progress.update(len(chunk_texts))
     progress.close()
     return outcomes
