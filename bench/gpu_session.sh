@@ -13,10 +13,11 @@
 #   seeds           (not in the default list; with pipeline) issue 14 on the test split: SASRec for SEEDS (default
 #                   42 43 44) on GPU 1 once prepare is done, then the fusion head's VARIANTS (default "distill
 #                   no-distill"; the ablations: random-backbone lora no-code-embeddings random-code-init no-collab
-#                   no-text head-only prefix-ngram mse-quantizer) for SEEDS on the pipeline's SASRec and SIDs, two
-#                   runs a GPU (GPU 1, and GPU 0 once the pipeline is done), each `--trainer.max_time null` (early
+#                   no-text head-only prefix-ngram mse-quantizer) for SEEDS on the pipeline's SASRec and SIDs, one
+#                   run a GPU (GPU 1, and GPU 0 once the pipeline is done), each `--trainer.max_time null` (early
 #                   stopping ends it: a shared GPU would otherwise cut it short), then bench/bench_seeds.py's
-#                   mean ± std and `mmrec compare` against SASRec's seeds. Issue 16's comparison: NEW_ITEMS=0.05
+#                   mean ± std and `mmrec compare` against SASRec's seeds. VAL_VARIANTS (default none) queue
+#                   behind them, one seed (42) each on the validation split: the next configuration's choice. Issue 16's comparison: NEW_ITEMS=0.05
 #                   (prepare's split.new_items in the pipeline), SLICES=1 (`mmrec test --slices true`), RUN=runs/beauty-new,
 #                   VARIANTS="cold-start cold-start-prefix-ngram cold-start-all-bigrams cold-start-full-tuple";
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
@@ -102,6 +103,9 @@ if phase seeds; then
     [head-only]="--model.scorers [head]"
     [prefix-ngram]="--model.sid_scheme prefix_ngram"
     [mse-quantizer]=""
+    [distill-t2]="--model.distill_temperature 2.0"
+    [distill-0.8]="--model.distill_weight 0.8"
+    [distill-0.8-t2]="--model.distill_weight 0.8|--model.distill_temperature 2.0"
     [cold-start]="--config configs/cold-start/fit-recommender.yaml"
     [cold-start-prefix-ngram]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme prefix_ngram"
     [cold-start-all-bigrams]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme all_bigrams"
@@ -112,13 +116,15 @@ if phase seeds; then
   wait_for "$RUN/prepare/manifest.json"
   mkdir -p runs/seeds-inputs/sasrec && cp -r "$RUN/prepare" runs/seeds-inputs/sasrec/
   stamp "seeds: SASRec on GPU 1"
+  SASREC_JOBS=()
   for seed in $SEEDS; do
     CUDA_VISIBLE_DEVICES=1 python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab \
       --config configs/beauty/fit-collab.yaml --override "--data.num_workers 2" --model sasrec --seeds "$seed" \
       --runs runs/seeds/sasrec --split test --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" \
       --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-sasrec-$seed.log" 2>&1 &
+    SASREC_JOBS+=($!)
   done
-  wait
+  wait "${SASREC_JOBS[@]}"  # not a bare wait: that would also wait for the pipeline
   until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
   mkdir -p runs/seeds-inputs/llm && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" runs/seeds-inputs/llm/
   if [[ " $VARIANTS " == *" mse-quantizer "* ]]; then  # the quantizer ablation: its own SIDs, MSE reconstruction
@@ -139,22 +145,28 @@ if phase seeds; then
     for option in "${options[@]}"; do printf '%s\n' --override "$option"; done
   }
   QUEUE=runs/seeds-queue && rm -rf "$QUEUE" && mkdir -p "$QUEUE"
-  JOBS=()
-  for seed in $SEEDS; do for variant in $VARIANTS; do JOBS+=("$variant@$seed"); done; done
+  JOBS=() TEST_JOBS=()
+  for seed in $SEEDS; do for variant in $VARIANTS; do TEST_JOBS+=("$variant@$seed@test"); done; done
+  JOBS=("${TEST_JOBS[@]}")
+  for variant in ${VAL_VARIANTS:-}; do JOBS+=("$variant@42@valid"); done
   next_job() { local job; for job in "${JOBS[@]}"; do mkdir "$QUEUE/$job" 2>/dev/null && { echo "$job"; return; }; done; }
-  fusion_job() {  # GPU VARIANT@SEED: one seed of one variant, on the test split
-    local gpu=$1 variant=${2%@*} seed=${2#*@} args
+  fusion_job() {  # GPU VARIANT@SEED@SPLIT: one seed of one variant, scored on SPLIT
+    local gpu=$1 variant seed split args
+    IFS=@ read -r variant seed split <<<"$2"
     mapfile -t args < <(variant_args "$variant")
     CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" \
-      "${FUSION_OVERRIDES[@]}" --model fusion --seeds "$seed" --runs "runs/seeds/fusion-$variant" --split test \
+      "${FUSION_OVERRIDES[@]}" --model fusion --seeds "$seed" --runs "runs/seeds/fusion-$variant" --split "$split" \
       --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS-seeds-single.md" \
-      >"$OUT/seeds-$variant-$seed.log" 2>&1
+      >"$OUT/seeds-$variant-$seed-$split.log" 2>&1
+    touch "$QUEUE/$2/done"
   }
   worker() { local job; while job=$(next_job) && [ -n "$job" ]; do fusion_job "$1" "$job"; done; }
-  worker 1 & worker 1 &
+  # one run a GPU: a distilling fusion run peaks at 60-72 GiB, and two of them ran out of memory on one H200
+  worker 1 &
   if [ -n "$pipeline" ]; then wait "$pipeline"; fi
-  worker 0 & worker 0 &
-  wait
+  worker 0 &
+  # the summaries need the test runs only: they go ahead while the validation runs train
+  for job in "${TEST_JOBS[@]}"; do wait_for "$QUEUE/$job/done"; done
   stamp "seeds: mean ± std and mmrec compare"
   for variant in $VARIANTS; do
     mapfile -t args < <(variant_args "$variant")
@@ -166,6 +178,8 @@ if phase seeds; then
   python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
     --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test \
     --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
+  stamp "seeds: summaries written"
+  wait
   unset OMP_NUM_THREADS
 fi
 
@@ -194,6 +208,8 @@ if phase fsdp; then
     --variant "Llama-3-8B shape, LoRA r 8, FSDP=$FSDP $LORA --model.init_args.backbone.name_or_path configs/backbones/llama-3-8b.json --data.batch_size 256" \
     --results "$RESULTS" --json "$OUT/fsdp.json" >"$OUT/fsdp.log" 2>&1
 fi
-(cd runs && find diagnosis beauty beauty-ddp -path '*logs*' -name metrics.csv 2>/dev/null | tar -czf "$OUT/curves.tgz" -T -)
+# validation curves and every stage's manifest (fit, validation and training seconds: where a stage's time went)
+(cd runs && find diagnosis beauty beauty-ddp seeds \( -path '*logs*' -name metrics.csv \) -o -name manifest.json 2>/dev/null |
+  tar -czf "$OUT/curves.tgz" -T -)
 stamp "session done"
 touch "$OUT/done"

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import random
+import time
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from mmrec.data.datamodules import SequenceDataModule
 from mmrec.data.resumable import EpochSampler, ResumableDataLoader
 from mmrec.models.sasrec import SASRec
 from mmrec.stages.fit_collab import FitCollabCLI
-from mmrec.stages.resume import PARTIAL_SUFFIX, AtomicCheckpointIO, rng_state, set_rng_state
+from mmrec.stages.resume import PARTIAL_SUFFIX, AtomicCheckpointIO, BackgroundCheckpointIO, rng_state, set_rng_state
 
 LENGTHS = np.random.default_rng(0).integers(1, 21, size=203)  # prefix samples: 1 to 20 items
 
@@ -188,10 +190,33 @@ def test_a_checkpoint_write_that_dies_leaves_the_previous_file(tmp_path: Path, m
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
 
 
+class SlowCheckpointIO(AtomicCheckpointIO):
+    """Writes that take a while: what a background write of a large checkpoint looks like to its caller."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        time.sleep(0.3)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_background_checkpoints_keep_the_order_of_writes_removals_and_reads(tmp_path: Path) -> None:
+    io_ = BackgroundCheckpointIO(SlowCheckpointIO())
+    replaced, last = tmp_path / "best-epoch=0.ckpt", tmp_path / "last.ckpt"
+    step = torch.tensor(1)
+    io_.save_checkpoint({"step": step}, replaced)
+    step += 1  # training goes on: the write holds the tensor as it was when saved
+    io_.remove_checkpoint(replaced)  # a better checkpoint replaced it before its write finished
+    io_.save_checkpoint({"step": step}, last)
+    assert io_.load_checkpoint(last)["step"] == 2  # a read waits for the writes before it
+    io_.save_checkpoint({"step": torch.tensor(3)}, last)
+    io_.teardown()
+    assert not replaced.exists() and torch.load(last, weights_only=True)["step"] == 3
+
+
 def test_stages_write_checkpoints_atomically_and_clear_partial_files(tiny_run: Path) -> None:
     cli = FitCollabCLI("fit-collab", SASRec, SequenceDataModule,
                        ["--config", "tests/conf/fit-collab.yaml", "--run_dir", str(tiny_run), "--resume", "true"])
-    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    checkpoint_io = cli.trainer.strategy.checkpoint_io
+    assert isinstance(checkpoint_io, BackgroundCheckpointIO) and isinstance(checkpoint_io.checkpoint_io, AtomicCheckpointIO)
     cli.checkpoint_dir.mkdir(parents=True)
     left_by_a_kill = cli.checkpoint_dir / f".last.ckpt.123{PARTIAL_SUFFIX}"
     left_by_a_kill.write_bytes(b"half")

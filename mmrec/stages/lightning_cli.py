@@ -46,7 +46,14 @@ from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Stra
 
 from mmrec.artifacts import Manifest, stage_output, work_dir
 from mmrec.errors import InputError, MMRecError
-from mmrec.stages.resume import PARTIAL_SUFFIX, AtomicCheckpointIO, LoaderPosition, MidEpochCheckpoint, RNGState
+from mmrec.stages.resume import (
+    PARTIAL_SUFFIX,
+    AtomicCheckpointIO,
+    BackgroundCheckpointIO,
+    LoaderPosition,
+    MidEpochCheckpoint,
+    RNGState,
+)
 
 DEFAULT_SEED = 42
 DEFAULT_CHECKPOINT_EVERY_N_STEPS = 500
@@ -167,7 +174,7 @@ class StageCLI(LightningCLI):
         super().after_instantiate_classes()
         strategy = self.trainer.strategy
         if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a configured plugin is kept
-            strategy.checkpoint_io = AtomicCheckpointIO()
+            strategy.checkpoint_io = BackgroundCheckpointIO(AtomicCheckpointIO())
 
     @property
     def run_dir(self) -> Path:

@@ -12,7 +12,9 @@ Lightning's checkpoint already holds the weights, the optimizer and scheduler st
   (when ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, as the LLM recommender's
   schedule does);
 * :class:`AtomicCheckpointIO` makes a kill while a checkpoint is being written leave the previous one
-  whole, wherever the run directory is.
+  whole, wherever the run directory is;
+* :class:`BackgroundCheckpointIO` writes checkpoints beside training instead of in its way (a fully
+  fine-tuned LLM head's checkpoint with its optimizer state is some 1.7 GB, written after every validation).
 
 Everything saved is tensors, numbers and strings: checkpoints still load with ``torch.load(weights_only=True)``.
 """
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 
 from mmrec.data.resumable import world
 from mmrec.errors import InputError
@@ -175,3 +177,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             partial.unlink(missing_ok=True)
 
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Lightning's :class:`AsyncCheckpointIO` (the checkpoint's tensors copied where they are, then written by
+    one background thread) with every file operation in that thread's order.
+
+    Lightning's plugin removes a replaced top-k checkpoint and reads one at once, in the caller's thread: a
+    removal could then overtake the pending write of the same file (leaving a stale best checkpoint behind)
+    and a read could see an older file. Here removals queue behind the writes, and a read waits for them.
+    ``teardown`` (the end of ``fit``) waits for the last write, so what follows a fit sees every file.
+    """
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        self._ensure_setup()
+        assert self._executor is not None
+        self._executor.submit(self._remove, path)
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._drain()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def _remove(self, path: str | Path) -> None:
+        try:
+            assert self.checkpoint_io is not None
+            self.checkpoint_io.remove_checkpoint(path)
+        except BaseException as exc:  # noqa: BLE001 (raised on the next save or at teardown, as a write's error is)
+            self._error = exc
+
+    def _drain(self) -> None:
+        """Wait until every queued write and removal has run; raise the first error one raised."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        if self._error:
+            raise self._error
