@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from mmrec.cli import STAGES, main
 
@@ -55,3 +56,13 @@ def test_shipped_config_parses(config: Path, capsys: pytest.CaptureFixture[str])
     assert main([stage_of(config), "--config", str(config), "--print_config"]) == 0
     printed = capsys.readouterr().out
     assert printed.strip(), f"{config}: --print_config printed nothing"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_shipped_config_limits_batches_with_an_ambiguous_one(config: Path) -> None:
+    """Lightning reads ``limit_*_batches: 1`` as one batch and ``1.0`` as every batch, and one install got
+    ``1.0`` from a YAML ``1``: the generative head then validated on all users (bench/RESULTS.md, session 7).
+    Shipped configs say what they mean another way (``data.val_users``)."""
+    trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
+    ambiguous = {key: value for key, value in trainer.items() if key.startswith("limit_") and value == 1}
+    assert not ambiguous, f"{config}: {ambiguous} reads as one batch or as every batch; use data.val_users"

@@ -26,6 +26,25 @@ def test_eval_batches_hold_history_and_target(tiny_run: Path) -> None:
     assert batch["history"][0][batch["mask"][0]].tolist() == seq0[:-1][-4:].tolist()
 
 
+def validation_users(dm: SequenceDataModule) -> list[int]:
+    return [user for batch in dm.val_dataloader() for user in batch["user_idx"].tolist()]
+
+
+def test_val_users_validates_a_fixed_sample_of_that_many_users(tiny_run: Path) -> None:
+    everyone = validation_users(SequenceDataModule(run_dir=str(tiny_run), eval_batch_size=8, seed=3))
+    sample = validation_users(SequenceDataModule(run_dir=str(tiny_run), eval_batch_size=8, seed=3, val_users=10))
+    again = validation_users(SequenceDataModule(run_dir=str(tiny_run), eval_batch_size=8, seed=3, val_users=10))
+    other = validation_users(SequenceDataModule(run_dir=str(tiny_run), eval_batch_size=8, seed=4, val_users=10))
+    assert len(everyone) == 60 and len(sample) == 10 and len(set(sample)) == 10 and set(sample) <= set(everyone)
+    assert sample == again and sample != other and sample != everyone[:10]  # seeded, not the first users
+    assert validation_users(SequenceDataModule(run_dir=str(tiny_run), val_users=500)) == everyone  # more than there are: all
+
+
+def test_val_users_below_one_is_refused(tiny_run: Path) -> None:
+    with pytest.raises(InputError, match="data.val_users"):
+        SequenceDataModule(run_dir=str(tiny_run), val_users=0)
+
+
 def test_shifted_training_targets_are_next_items(tiny_run: Path) -> None:
     dm = SequenceDataModule(run_dir=str(tiny_run), max_len=50, train_mode="shifted")
     dataset = dm.train_dataset()

@@ -20,7 +20,7 @@ from typing import Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mmrec.data.prepared import ModalityEmbeddings, PreparedData, load_modality
 from mmrec.data.recommender_inputs import InputNeeds, InputSource, RecommenderInputs, load_recommender_inputs
@@ -83,6 +83,12 @@ class SequenceDataModule(L.LightningDataModule):
             Batches then differ from a plain shuffle's in which samples meet, not in what an epoch covers.
         seed: seed of the training order (epoch ``e`` is a function of ``(seed, e)``); None takes the seed the
             global torch RNG was last seeded with, i.e. the run's ``seed_everything``.
+        val_users: validate on a fixed random sample of this many users (drawn with ``seed``) instead of all
+            of them (None). For a head whose validation is costly (the generative head's beam search), the
+            checkpoint choice needs a stable estimate, not every user. A count of users rather than
+            Lightning's ``trainer.limit_val_batches``: there, ``1`` means one batch but ``1.0`` every batch,
+            and a YAML ``1`` reached one install's Trainer as ``1.0`` (bench/RESULTS.md, session 7).
+            ``mmrec test --split valid`` always scores every user.
     """
 
     def __init__(
@@ -96,10 +102,13 @@ class SequenceDataModule(L.LightningDataModule):
         num_workers: int = 0,
         group_by_length: bool = False,
         seed: int | None = None,
+        val_users: int | None = None,
     ) -> None:
         super().__init__()
         if max_len < 1:
             raise InputError(f"data.max_len must be at least 1, got {max_len}")
+        if val_users is not None and val_users < 1:
+            raise InputError(f"data.val_users must be at least 1 (or null for every user), got {val_users}")
         self.run_dir = run_dir
         self.max_len = max_len
         self.batch_size = batch_size
@@ -109,6 +118,7 @@ class SequenceDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.group_by_length = group_by_length
         self.seed = _training_seed(seed)
+        self.val_users = val_users
         self.prepared = PreparedData(run_dir)
         self.input_sources: dict[str, InputSource] = {}
 
@@ -177,7 +187,11 @@ class SequenceDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.eval_dataset("valid"), self.eval_batch_size)
+        dataset = self.eval_dataset("valid")
+        if self.val_users is not None and self.val_users < len(dataset):
+            rows = np.random.default_rng(self.seed).choice(len(dataset), self.val_users, replace=False)
+            dataset = Subset(dataset, np.sort(rows).tolist())
+        return self._loader(dataset, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.eval_dataset("test"), self.eval_batch_size)
