@@ -94,10 +94,11 @@ def text_retrieval(
 
 
 def prepare_args(args: argparse.Namespace, variant: str) -> list[str]:
-    """The ``mmrec prepare`` options of a variant."""
+    """The ``mmrec prepare`` options of a variant (after ``--prepare_option``'s, common to both)."""
+    common = [word for option in args.prepare_option for word in option.split(" ", 1)]
     if variant == "plain":
-        return []
-    return ["--text.refine.enabled", "true", "--text.refine.model", args.model, "--text.refine.batch_size",
+        return common
+    return [*common, "--text.refine.enabled", "true", "--text.refine.model", args.model, "--text.refine.batch_size",
             str(args.batch_size), "--text.refine.max_rounds", str(args.max_rounds)]
 
 
@@ -165,6 +166,8 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=256, help="text.refine.batch_size")
     parser.add_argument("--max_rounds", type=int, default=5, help="text.refine.max_rounds")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the section is appended to")
+    parser.add_argument("--prepare_option", action="append", default=[], metavar='"--KEY VALUE"',
+                        help="an mmrec prepare option for both variants (repeatable), e.g. where the data or the text model is")
     args = parser.parse_args()
     args.runs = args.runs.resolve()
     rows = [variant_row(args, variant, run_variant(args, variant)) for variant in VARIANTS]

@@ -20,6 +20,8 @@
 #                   behind them, one seed (42) each on the validation split: the next configuration's choice. Issue 16's comparison: NEW_ITEMS=0.05
 #                   (prepare's split.new_items in the pipeline), SLICES=1 (`mmrec test --slices true`), RUN=runs/beauty-new,
 #                   VARIANTS="cold-start cold-start-prefix-ngram cold-start-all-bigrams cold-start-full-tuple";
+#   refinement      (not in the default list) GPU REFINE_GPU (default 1): issue 18's prepare with and without
+#                   SmolLM2-refined titles, text-only SIDs and retrieval (bench/bench_text_refinement.py);
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase started; OUT/done marks the end.
 #
@@ -181,6 +183,14 @@ if phase seeds; then
   stamp "seeds: summaries written"
   wait
   unset OMP_NUM_THREADS
+fi
+
+if phase refinement; then  # issue 18: prepare with and without SmolLM2-refined titles (bench/bench_text_refinement.py)
+  wait_for "$GGUF"
+  stamp "refinement on GPU ${REFINE_GPU:-1}"
+  CUDA_VISIBLE_DEVICES=${REFINE_GPU:-1} python3 bench/bench_text_refinement.py --runs runs/refine-bench --model "$GGUF" \
+    --prepare_option "--text.model $TEXT" --prepare_option "--source.init_args.sequences $DATA/user_sequences.txt" \
+    --prepare_option "--source.init_args.items $DATA/items.csv" --results "$OUT/RESULTS.md" >"$OUT/refinement.log" 2>&1
 fi
 
 [ -n "$pipeline" ] && wait "$pipeline"

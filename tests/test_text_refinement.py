@@ -7,6 +7,7 @@ config; bad options fail with one line and leave nothing behind.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 from pathlib import Path
@@ -257,3 +258,14 @@ def test_bench_text_retrieval_metric(monkeypatch: pytest.MonkeyPatch) -> None:
     masked = bench.text_retrieval(histories, targets, matrix, present, k=1, mask_history=True)
     assert masked.recall == 0.5 and masked.ndcg == 0.5
     assert bench.pessimistic_ranks(np.array([[1.0, 1.0, 0.0]]), np.array([0])).tolist() == [2]
+
+
+def test_bench_prepare_options_reach_both_variants(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("bench_text_refinement")
+    args = argparse.Namespace(prepare_option=["--text.model /m/minilm", "--source.init_args.items /d/items.csv"],
+                              model="smollm2", batch_size=8, max_rounds=2)
+    common = ["--text.model", "/m/minilm", "--source.init_args.items", "/d/items.csv"]
+    assert bench.prepare_args(args, "plain") == common
+    refined = bench.prepare_args(args, "refined")
+    assert refined[:4] == common and refined[4:6] == ["--text.refine.enabled", "true"] and "smollm2" in refined
