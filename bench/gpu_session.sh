@@ -108,6 +108,8 @@ if phase seeds; then
     [distill-t2]="--model.distill_temperature 2.0"
     [distill-0.8]="--model.distill_weight 0.8"
     [distill-0.8-t2]="--model.distill_weight 0.8|--model.distill_temperature 2.0"
+    [distill-0.9-t2]="--model.distill_weight 0.9|--model.distill_temperature 2.0"
+    [distill-0.8-t4]="--model.distill_weight 0.8|--model.distill_temperature 4.0"
     [cold-start]="--config configs/cold-start/fit-recommender.yaml"
     [cold-start-prefix-ngram]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme prefix_ngram"
     [cold-start-all-bigrams]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme all_bigrams"
