@@ -53,6 +53,10 @@ class StageResult:
     ok: bool = False
     error: str | None = None
     wall_s: float | None = None
+    fit_s: float | None = None
+    """``trainer.fit`` alone: the rest of ``wall_s`` is start-up, loading, the best checkpoint's validation, export."""
+    validation_s: float | None = None
+    """Validation passes inside (and, for the LLM heads, after) ``fit``."""
     train_s: float | None = None
     tokens_per_second: float | None = None
     tokens_per_second_steady: float | None = None
@@ -101,6 +105,8 @@ def training_figures(result: StageResult, run_dir: Path, matmul: float | None) -
     if manifest is None:
         return
     extra = manifest.get("extra", {})
+    result.fit_s = extra.get("fit_wall_time_s")
+    result.validation_s = extra.get("validation_seconds_during_fit")
     result.train_s = extra.get("train_seconds") or extra.get("fit_wall_time_s") or extra.get("wall_time_s")
     result.tokens_per_second = extra.get("tokens_per_second")
     result.tokens_per_second_steady = extra.get("tokens_per_second_steady")
@@ -166,13 +172,15 @@ def markdown(args: argparse.Namespace, results: list[StageResult], matmul_note: 
         f"- overrides: {overrides}",
         f"- matrix-product rate: {matmul_note}",
         "",
-        "| stage | status | wall s (command) | train s | tokens/s (whole run) | tokens/s (steady) | peak GPU GiB | MFU (steady) | R@10 | N@10 | eval s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ("| stage | status | wall s (command) | fit s | validation s | train s | tokens/s (whole run) | tokens/s (steady) "
+         "| peak GPU GiB | MFU (steady) | R@10 | N@10 | eval s |"),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else (r.mfu_note or "-")
         lines.append(
-            f"| {r.stage} | {'ok' if r.ok else 'FAILED: ' + str(r.error)} | {cell(r.wall_s, '.1f')} | {cell(r.train_s, '.1f')} "
+            f"| {r.stage} | {'ok' if r.ok else 'FAILED: ' + str(r.error)} | {cell(r.wall_s, '.1f')} | {cell(r.fit_s, '.1f')} "
+            f"| {cell(r.validation_s, '.1f')} | {cell(r.train_s, '.1f')} "
             f"| {cell(r.tokens_per_second, ',.0f')} | {cell(r.tokens_per_second_steady, ',.0f')} | {cell(r.peak_gpu_memory_gib, '.2f')} | {mfu} "
             f"| {cell(r.metrics.get('recall@10'), '.4f')} | {cell(r.metrics.get('ndcg@10'), '.4f')} | {cell(r.eval_seconds, '.1f')} |"
         )
@@ -186,6 +194,8 @@ def markdown(args: argparse.Namespace, results: list[StageResult], matmul_note: 
         f"- total wall time: {total_s:.1f} s ({total_s / 60:.1f} min) for {len(results)} stage(s)"
         + (f"; failed: {', '.join(failed)}" if failed else ""),
         *([own] if baselines else []),
+        ("- fit s: `trainer.fit` (the manifest's fit_wall_time_s; wall minus fit is start-up, loading, the best "
+         "checkpoint's validation and the export); validation s: the validation passes the training stage timed"),
         "- MFU: tokens/s x (6 x backbone parameters under full fine-tuning, 4 x under LoRA or frozen) / the rate above",
     ]
     return "\n".join(lines)

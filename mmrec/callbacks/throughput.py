@@ -83,6 +83,7 @@ class TrainingThroughput(Callback):
             if self.steady_mark is not None:
                 mark, tokens, validation = self.steady_mark
                 self.steady = (end - mark - (self.validation_seconds - validation), self.tokens - tokens)
+        self.started = None  # a validation after fit (the best checkpoint's) is not part of training
         self.world_size = trainer.world_size
         if self.tokens is not None and self.world_size > 1:  # a collective: every rank calls on_train_end
             self.tokens = trainer.strategy.reduce(self.tokens, reduce_op="sum")
