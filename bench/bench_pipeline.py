@@ -56,7 +56,7 @@ class StageResult:
     fit_s: float | None = None
     """``trainer.fit`` alone: the rest of ``wall_s`` is start-up, loading, the best checkpoint's validation, export."""
     validation_s: float | None = None
-    """Validation passes inside (and, for the LLM heads, after) ``fit``."""
+    """Validation passes inside ``fit`` (manifests written before commit 264e55a also count the best checkpoint's, after it)."""
     train_s: float | None = None
     tokens_per_second: float | None = None
     tokens_per_second_steady: float | None = None

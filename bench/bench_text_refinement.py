@@ -167,7 +167,7 @@ def main() -> None:
     parser.add_argument("--max_rounds", type=int, default=5, help="text.refine.max_rounds")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the section is appended to")
     parser.add_argument("--prepare_option", action="append", default=[], metavar='"--KEY VALUE"',
-                        help="an mmrec prepare option for both variants (repeatable), e.g. where the data or the text model is")
+                        help="an mmrec prepare option for both variants (repeatable): where the data, the text model are")
     args = parser.parse_args()
     args.runs = args.runs.resolve()
     rows = [variant_row(args, variant, run_variant(args, variant)) for variant in VARIANTS]

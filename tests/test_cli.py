@@ -64,5 +64,5 @@ def test_no_shipped_config_limits_batches_with_an_ambiguous_one(config: Path) ->
     ``1.0`` from a YAML ``1``: the generative head then validated on all users (bench/RESULTS.md, session 7).
     Shipped configs say what they mean another way (``data.val_users``)."""
     trainer = (yaml.safe_load(config.read_text()) or {}).get("trainer") or {}
-    ambiguous = {key: value for key, value in trainer.items() if key.startswith("limit_") and value == 1}
+    ambiguous = {key: value for key, value in trainer.items() if key.startswith("limit_") and type(value) is int and value == 1}
     assert not ambiguous, f"{config}: {ambiguous} reads as one batch or as every batch; use data.val_users"

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import Dataset
 
 from mmrec.cli import main as mmrec
@@ -221,3 +222,21 @@ def test_stages_write_checkpoints_atomically_and_clear_partial_files(tiny_run: P
     left_by_a_kill = cli.checkpoint_dir / f".last.ckpt.123{PARTIAL_SUFFIX}"
     left_by_a_kill.write_bytes(b"half")
     assert cli.start_from() is None and not left_by_a_kill.exists()
+
+
+def test_ranks_meet_after_fit_before_anyone_reads_a_checkpoint(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 writes checkpoints in the background and waits for them as fit ends; the other ranks must wait
+    for rank 0 at a barrier before fit-collab reads the best checkpoint (a 2-rank run with slow writes read a
+    checkpoint that was not there yet)."""
+    names: list[str | None] = []
+    monkeypatch.setattr(SingleDeviceStrategy, "barrier", lambda self, name=None: names.append(name))
+    assert mmrec(["fit-collab", "--config", "tests/conf/fit-collab.yaml", "--run_dir", str(tiny_run)]) == 0
+    assert "checkpoints written" in names
+
+
+def test_a_linked_last_checkpoint_is_refused(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = mmrec(["fit-collab", "--config", "tests/conf/fit-collab.yaml", "--run_dir", str(tiny_run),
+                  "--model_checkpoint.save_last", "link"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "model_checkpoint.save_last: link" in err
+    assert not any(path.is_file() for path in (tiny_run / "fit-collab.work").rglob("*"))  # refused before any write

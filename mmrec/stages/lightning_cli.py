@@ -124,6 +124,11 @@ class StageCLI(LightningCLI):
         # version its file around the other's (last-v1.ckpt), or --resume would read a stale one
         if config.get("model_checkpoint") is not None:
             config.model_checkpoint.enable_version_counter = False
+            if config.model_checkpoint.save_last == "link":
+                raise InputError(
+                    "model_checkpoint.save_last: link is not supported (checkpoints are written in the background, "
+                    "and the link would be made before its file); use true"
+                )
         # trainer_defaults' callbacks come after the configured ones, so trainer.checkpoint_callback (the
         # first ModelCheckpoint) stays the stage's own
         defaults = self.trainer_defaults.get("callbacks") or []
@@ -242,6 +247,9 @@ class StageCLI(LightningCLI):
         resumed_from = self.start_from()
         start = time.perf_counter()
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=resumed_from, weights_only=True)
+        # rank 0 writes checkpoints in the background and waits for the last write as fit ends; no other rank
+        # may read the best checkpoint before that
+        self.trainer.strategy.barrier("checkpoints written")
         return resumed_from, time.perf_counter() - start
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from mmrec.data.resumable import world
 from mmrec.errors import InputError
@@ -178,35 +180,55 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             partial.unlink(missing_ok=True)
 
 
-
 class BackgroundCheckpointIO(AsyncCheckpointIO):
-    """Lightning's :class:`AsyncCheckpointIO` (the checkpoint's tensors copied where they are, then written by
-    one background thread) with every file operation in that thread's order.
+    """Checkpoints written by one background thread (Lightning's :class:`AsyncCheckpointIO`), with the
+    tensors copied to host memory first and every file operation in that thread's order.
 
-    Lightning's plugin removes a replaced top-k checkpoint and reads one at once, in the caller's thread: a
-    removal could then overtake the pending write of the same file (leaving a stale best checkpoint behind)
-    and a read could see an older file. Here removals queue behind the writes, and a read waits for them.
-    ``teardown`` (the end of ``fit``) waits for the last write, so what follows a fit sees every file.
+    Lightning's plugin copies the tensors where they are: on a GPU that holds a second copy of a fully
+    fine-tuned head and its optimizer state (some 1.7 GB, twice when a best and a last checkpoint are saved
+    together) until the write ends; a host copy costs the training thread a device-to-host transfer instead.
+    Its plugin also removes a replaced top-k checkpoint and reads one at once, in the caller's thread: a
+    removal could overtake the pending write of the same file (leaving a stale best checkpoint behind) and a
+    read could see an older file. Here removals queue behind the writes, and a read waits for them.
+    ``teardown`` (the end of ``fit``) waits for the last write; the stages then pass a barrier, so that no
+    rank reads a checkpoint rank 0 is still writing. Lightning's ``save_last: link`` (a symlink made in the
+    training thread) would not be ordered with the writes: the stages refuse it.
     """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
+        self._ensure_setup()
+        assert self._executor is not None
+        on_host = apply_to_collection(checkpoint, torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True))
+        self._executor.submit(self._run, self._write, on_host, path, storage_options)
+        if self._error:
+            raise self._error
 
     def remove_checkpoint(self, path: str | Path) -> None:
         self._ensure_setup()
         assert self._executor is not None
-        self._executor.submit(self._remove, path)
+        self._executor.submit(self._run, self._remove, path)
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self._drain()
         return super().load_checkpoint(*args, **kwargs)
 
+    def _write(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None) -> None:
+        assert self.checkpoint_io is not None
+        self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options)
+
     def _remove(self, path: str | Path) -> None:
+        assert self.checkpoint_io is not None
+        self.checkpoint_io.remove_checkpoint(path)
+
+    def _run(self, operation: Callable[..., None], *args: Any) -> None:
+        """Run a queued file operation; its error is raised on the caller's next save or read, or at teardown."""
         try:
-            assert self.checkpoint_io is not None
-            self.checkpoint_io.remove_checkpoint(path)
-        except BaseException as exc:  # noqa: BLE001 (raised on the next save or at teardown, as a write's error is)
+            operation(*args)
+        except BaseException as exc:  # noqa: BLE001 (kept for the caller's thread, as Lightning's plugin does)
             self._error = exc
 
     def _drain(self) -> None:
-        """Wait until every queued write and removal has run; raise the first error one raised."""
+        """Wait until every queued write and removal has run; raise the error one of them raised, if any."""
         if self._executor is not None:
             self._executor.submit(lambda: None).result()
         if self._error:
