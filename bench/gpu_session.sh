@@ -20,6 +20,8 @@
 #                   behind them, one seed (42) each on the validation split: the next configuration's choice. Issue 16's comparison: NEW_ITEMS=0.05
 #                   (prepare's split.new_items in the pipeline), SLICES=1 (`mmrec test --slices true`), RUN=runs/beauty-new,
 #                   VARIANTS="cold-start cold-start-prefix-ngram cold-start-all-bigrams cold-start-full-tuple";
+#   generative-seeds (not in the default list) GPU GEN_GPU (default 1): the generative head with
+#                   configs/beauty/fit-recommender-generative-long.yaml for SEEDS, test split (issue 14: TIGER);
 #   refinement      (not in the default list) GPU REFINE_GPU (default 1): issue 18's prepare with and without
 #                   SmolLM2-refined titles, text-only SIDs and retrieval (bench/bench_text_refinement.py);
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
@@ -185,6 +187,17 @@ if phase seeds; then
   stamp "seeds: summaries written"
   wait
   unset OMP_NUM_THREADS
+fi
+
+if phase generative-seeds; then  # issue 14: the generative head trained to convergence, against TIGER's figures
+  until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
+  mkdir -p runs/generative-inputs && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" runs/generative-inputs/
+  stamp "generative-seeds on GPU ${GEN_GPU:-1}"
+  CUDA_VISIBLE_DEVICES=${GEN_GPU:-1} python3 bench/bench_seeds.py --prepared runs/generative-inputs --stage fit-recommender \
+    --config configs/beauty/fit-recommender-generative.yaml --config configs/beauty/fit-recommender-generative-long.yaml \
+    --override "--model.init_args.backbone.name_or_path $GGUF" --model generative --seeds ${SEEDS:-42 43 44} \
+    --runs runs/seeds/generative-long --split test --test_config configs/beauty/test.yaml --test_option "--batch_size 1024" \
+    --results "$OUT/RESULTS.md" >"$OUT/generative-seeds.log" 2>&1
 fi
 
 if phase refinement; then  # issue 18: prepare with and without SmolLM2-refined titles (bench/bench_text_refinement.py)
