@@ -19,7 +19,9 @@
 #                   mean ± std and `mmrec compare` against SASRec's seeds. VAL_VARIANTS (default none) queue
 #                   behind them, one seed (42) each on the validation split: the next configuration's choice. Issue 16's comparison: NEW_ITEMS=0.05
 #                   (prepare's split.new_items in the pipeline), SLICES=1 (`mmrec test --slices true`), RUN=runs/beauty-new,
-#                   VARIANTS="cold-start cold-start-prefix-ngram cold-start-all-bigrams cold-start-full-tuple";
+#                   VARIANTS="cold-start cold-start-prefix-ngram cold-start-all-bigrams cold-start-full-tuple"
+#                   (PIPELINE_SKIP=fit-recommender,test-fusion,... leaves stages out of the pipeline: there only
+#                   its inputs to the seeds matter, not its timing);
 #   generative-seeds (not in the default list) GPU GEN_GPU (default 1): the generative head with
 #                   configs/beauty/fit-recommender-generative-long.yaml for SEEDS, test split (issue 14: TIGER);
 #   refinement      (not in the default list) GPU REFINE_GPU (default 1): issue 18's prepare with and without
@@ -65,7 +67,7 @@ if phase pipeline; then
   # fresh caches: the timing is that of a new machine (no converted backbone, no compiled kernels)
   CUDA_VISIBLE_DEVICES=0 MMREC_CACHE_DIR=/tmp/pipeline-cache TORCHINDUCTOR_CACHE_DIR=/tmp/pipeline-inductor \
     TRITON_CACHE_DIR=/tmp/pipeline-triton python3 bench/bench_pipeline.py --run_dir "$RUN" --data_dir "$DATA" --text_model "$TEXT" \
-    --backbone "$GGUF" ${NEW_ITEMS:+--override "prepare=--split.new_items $NEW_ITEMS"} \
+    --backbone "$GGUF" ${NEW_ITEMS:+--override "prepare=--split.new_items $NEW_ITEMS"} ${PIPELINE_SKIP:+--skip "$PIPELINE_SKIP"} \
     --results "$RESULTS" --json "$OUT/pipeline.json" >"$OUT/pipeline.log" 2>&1 &
   pipeline=$!
 fi
