@@ -129,6 +129,21 @@ def test_a_strategy_the_stages_cannot_run_is_one_line(strategy: str, tiny_run: P
     assert "sasrec.safetensors" not in {p.name for p in (tiny_run / "fit-collab").iterdir()}
 
 
+def test_fsdp_for_the_small_stages_or_off_a_gpu_is_one_line(tiny_run: Path, capsys: pytest.CaptureFixture) -> None:
+    """FSDP serves the LLM heads only, and Lightning runs it on GPUs only: both refusals are one line."""
+    write_sids(tiny_run)
+    fsdp = str(ROOT / "configs" / "strategies" / "fit-recommender-fsdp.yaml")
+    cases = {
+        "fit-collab": ["fit-collab", "--config", str(CONF / "fit-collab.yaml"), "--trainer.strategy", "fsdp"],
+        "fit-recommender": ["fit-recommender", "--config", str(CONF / "fit-recommender.yaml"), "--config", fsdp],
+    }
+    for stage, args in cases.items():
+        assert mmrec([*args, "--run_dir", str(tiny_run), "--trainer.accelerator", "cpu", "--trainer.devices", "2"]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"mmrec {stage}: error: trainer") and "FSDP" in lines[0].upper(), lines
+    assert not (tiny_run / "fit-recommender").exists()
+
+
 # ---------------------------------------------------------------------------------------------- DDP runs
 def command(stage: str, run: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "mmrec.cli", stage, "--run_dir", str(run), *args]
