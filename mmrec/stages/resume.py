@@ -31,6 +31,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
 from lightning_utilities.core.apply_func import apply_to_collection
@@ -196,29 +197,29 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None) -> None:
-        self._ensure_setup()
-        assert self._executor is not None
         on_host = apply_to_collection(checkpoint, torch.Tensor, lambda tensor: tensor.detach().to("cpu", copy=True))
-        self._executor.submit(self._run, self._write, on_host, path, storage_options)
-        if self._error:
-            raise self._error
+        self._queue(self._writer.save_checkpoint, on_host, path, storage_options)
+        self._raise_pending()
 
     def remove_checkpoint(self, path: str | Path) -> None:
-        self._ensure_setup()
-        assert self._executor is not None
-        self._executor.submit(self._run, self._remove, path)
+        self._queue(self._writer.remove_checkpoint, path)
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        self._drain()
+        if self._executor is not None:  # wait for every queued write and removal
+            self._executor.submit(lambda: None).result()
+        self._raise_pending()
         return super().load_checkpoint(*args, **kwargs)
 
-    def _write(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None) -> None:
+    @property
+    def _writer(self) -> CheckpointIO:
+        """The wrapped plugin, which does the file operations in the background thread."""
         assert self.checkpoint_io is not None
-        self.checkpoint_io.save_checkpoint(checkpoint, path, storage_options)
+        return self.checkpoint_io
 
-    def _remove(self, path: str | Path) -> None:
-        assert self.checkpoint_io is not None
-        self.checkpoint_io.remove_checkpoint(path)
+    def _queue(self, operation: Callable[..., None], *args: Any) -> None:
+        self._ensure_setup()
+        assert self._executor is not None
+        self._executor.submit(self._run, operation, *args)
 
     def _run(self, operation: Callable[..., None], *args: Any) -> None:
         """Run a queued file operation; its error is raised on the caller's next save or read, or at teardown."""
@@ -227,9 +228,6 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         except BaseException as exc:  # noqa: BLE001 (kept for the caller's thread, as Lightning's plugin does)
             self._error = exc
 
-    def _drain(self) -> None:
-        """Wait until every queued write and removal has run; raise the error one of them raised, if any."""
-        if self._executor is not None:
-            self._executor.submit(lambda: None).result()
+    def _raise_pending(self) -> None:
         if self._error:
             raise self._error
