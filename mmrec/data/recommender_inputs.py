@@ -16,7 +16,6 @@ from torch import Tensor
 
 from mmrec.artifacts import Manifest, Stage
 from mmrec.artifacts.exports import read_exported_sasrec
-from mmrec.artifacts.manifest import MANIFEST
 from mmrec.data.prepared import PreparedData, load_modality, load_sids
 from mmrec.errors import InputError
 from mmrec.models.sasrec import SASRec
@@ -124,9 +123,12 @@ def load_teacher(prepared: PreparedData) -> tuple[SASRec, InputSource]:
     test --model sasrec``): its item index is then the prepared items table's, which the recommender shares,
     and it has seen no interaction of the validation or test split.
     """
-    path = prepared.run.stage_path(Stage.FIT_COLLAB)
-    problem = f"{path}: no exported SASRec to distil from (model.distill_weight > 0); run `mmrec fit-collab` first or set model.distill_weight 0"
-    if not (path / MANIFEST).is_file() or not {"sasrec", "sasrec_config"} <= set(Manifest.read(path).outputs):
-        raise InputError(problem)
-    hparams, state, folder = read_exported_sasrec(prepared.run)
+    try:
+        hparams, state, folder = read_exported_sasrec(prepared.run)
+    except InputError as exc:  # no fit-collab/ or no SASRec in it (a lineage refusal passes as it is)
+        path = prepared.run.stage_path(Stage.FIT_COLLAB)
+        raise InputError(
+            f"{path}: no exported SASRec to distil from (model.distill_weight > 0); run `mmrec fit-collab` first "
+            f"or set model.distill_weight 0 ({exc})"
+        ) from None
     return SASRec.from_state(hparams, state), InputSource(folder.output("sasrec"), folder.manifest)
