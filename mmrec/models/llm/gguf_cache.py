@@ -17,6 +17,7 @@ GGUF directly, with a warning.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import shutil
 import warnings
@@ -31,9 +32,16 @@ from mmrec.artifacts.manifest import file_sha256
 from mmrec.cache import cache_root
 
 
+@functools.cache
+def gguf_sha256(gguf_path: Path) -> str:
+    """The file's SHA-256, computed once a process: the conversion cache and the text-refinement cache both key
+    on it, and a GGUF can be gigabytes."""
+    return file_sha256(gguf_path)
+
+
 def converted_dir(gguf_path: Path) -> Path:
     """The cache folder for ``gguf_path`` (it may not exist yet)."""
-    key = f"{file_sha256(gguf_path)[:16]}-transformers{transformers.__version__}"
+    key = f"{gguf_sha256(gguf_path)[:16]}-transformers{transformers.__version__}"
     return cache_root() / "gguf" / f"{gguf_path.stem}-{key}"
 
 
