@@ -34,7 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from common import RESULTS, append_section, git_commit, machine, mmrec, read_json
+
+from mmrec.metrics.ranking import RankingMetrics, target_ranks
 
 VARIANTS = ("plain", "refined")
 USER_CHUNK = 2048
@@ -66,12 +69,6 @@ def user_vectors(histories: list[np.ndarray], items: np.ndarray, present: np.nda
     return normalized(users)
 
 
-def pessimistic_ranks(scores: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """1-based rank of each row's target when every tie is ranked ahead of it (mmrec's evaluator's rule)."""
-    target_scores = scores[np.arange(len(targets)), targets]
-    return (scores >= target_scores[:, None]).sum(axis=1)
-
-
 def text_retrieval(
     histories: list[np.ndarray], targets: np.ndarray, matrix: np.ndarray, present: np.ndarray, k: int = 10,
     mask_history: bool = False,
@@ -80,17 +77,16 @@ def text_retrieval(
     text score -inf (a content model cannot place them), as do history items with ``mask_history``."""
     items = normalized(matrix.astype(np.float32))
     users = user_vectors(histories, items, present)
-    ranks = []
+    metrics = RankingMetrics((k,))  # mmrec test's rules: pessimistic ties, the same Recall and NDCG
     for start in range(0, len(histories), USER_CHUNK):
         scores = users[start:start + USER_CHUNK] @ items.T
         scores[:, ~present] = -np.inf
         if mask_history:
             for row, history in enumerate(histories[start:start + USER_CHUNK]):
                 scores[row, history] = -np.inf
-        ranks.append(pessimistic_ranks(scores, targets[start:start + USER_CHUNK]))
-    rank = np.concatenate(ranks)
-    hit = rank <= k
-    return Retrieval(float(hit.mean()), float(np.where(hit, 1.0 / np.log2(rank + 1.0), 0.0).mean()), len(rank))
+        metrics.update(target_ranks(torch.from_numpy(scores), torch.from_numpy(targets[start:start + USER_CHUNK])))
+    values = metrics.compute()
+    return Retrieval(float(values[f"recall@{k}"]), float(values[f"ndcg@{k}"]), len(histories))
 
 
 def prepare_args(args: argparse.Namespace, variant: str) -> list[str]:
