@@ -57,16 +57,12 @@ class FrequencyAwareFusion(nn.Module):
         log_freq = torch.log1p(item_counts.float())
         std = log_freq.std().clamp(min=1e-6) if num_items > 1 else torch.tensor(1.0)
         self.register_buffer("frequency", ((log_freq - log_freq.mean()) / std).unsqueeze(-1), persistent=False)
-        content = [present[name].bool() for name in tables]
-        # The head's row of an item never seen in training (a new item) is untrained: such an item is scored by
-        # its content alone, and by the head only where it has no content either (some scorer must remain).
-        seen = item_counts > 0
-        self.register_buffer("trained", seen.clone(), persistent=False)
-        if content:
-            seen = seen | ~torch.stack(content, dim=-1).any(dim=-1)
-        allowed = ([seen] if use_head else []) + content
-        self.register_buffer("allowed", torch.stack(allowed, dim=-1), persistent=False)
-        # the scorers an item never seen in training lacks: the head, and SASRec's collab embedding
+        # which scorers have something for each item: the head for all, a modality where the item has it
+        available = ([torch.ones(num_items, dtype=torch.bool)] if use_head else []) + [present[name].bool() for name in tables]
+        self.register_buffer("available", torch.stack(available, dim=-1), persistent=False)
+        self.register_buffer("trained", item_counts > 0, persistent=False)
+        # the scorers an item never seen in training lacks: the head (its row is untrained) and SASRec's collab
+        # embedding (exported absent for it); such an item is scored by its content alone (see weights)
         self.register_buffer("collaborative", torch.tensor([name in COLLABORATIVE for name in self.scorers]), persistent=False)
         self.weight_mlp = nn.Sequential(nn.Linear(1, mlp_hidden), nn.Tanh(), nn.Linear(mlp_hidden, len(self.scorers)))
         # Start from equal weights: the last layer at zero makes softmax uniform over each item's scorers.
@@ -79,13 +75,13 @@ class FrequencyAwareFusion(nn.Module):
     def weights(self, as_unseen: Tensor | None = None) -> Tensor:
         """Per-item scorer weights ``[N, S]``; rows sum to 1 over the scorers available for that item.
 
-        ``as_unseen`` (``[N]`` bool) weighs those items as items never seen in training are weighed: without
-        the head and the collab scorer, by their content alone (an item without content keeps them).
+        An item never seen in training, and each item of ``as_unseen`` (``[N]`` bool), is weighed without the
+        head and the collab scorer, by its content alone; an item without content keeps them (some scorer must
+        remain).
         """
-        allowed = self.allowed
-        if as_unseen is not None:
-            hidden = allowed & ~(as_unseen[:, None] & self.collaborative[None, :])
-            allowed = torch.where(hidden.any(dim=-1, keepdim=True), hidden, allowed)
+        unseen = ~self.trained if as_unseen is None else ~self.trained | as_unseen
+        content = self.available & ~(unseen[:, None] & self.collaborative[None, :])
+        allowed = torch.where(content.any(dim=-1, keepdim=True), content, self.available)
         logits = self.weight_mlp(self.frequency).masked_fill(~allowed, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
