@@ -24,7 +24,7 @@ import os
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, append_section, git_commit, machine, mmrec, read_json
+from common import RESULTS, ROOT, append_section, git_commit, machine, mmrec, option_words, read_json
 
 K = (5, 10, 20)
 PUBLISHED = {  # TIGER (NeurIPS 2023) Table 1, and Cornac's tuned cross-entropy SASRec notes
@@ -76,7 +76,7 @@ def full_run(args: argparse.Namespace) -> str:
     run_dir = args.run_dir
     if not (run_dir / "prepare" / "manifest.json").is_file():
         mmrec("prepare", "--config", "configs/beauty/prepare.yaml", "--run_dir", str(run_dir), "--text.enabled", "false")
-    overrides = [part for override in args.override for part in override.split(maxsplit=1)]
+    overrides = option_words(args.override)
     fit_command_s = mmrec("fit-collab", "--config", args.config, "--run_dir", str(run_dir), "--trainer.enable_progress_bar", "false", *overrides)
     fit = read_json(run_dir / "fit-collab" / "manifest.json")
     extra, model = fit["extra"], fit["config"]["model"]

@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import RESULTS, append_section, git_commit, machine, mmrec, read_json
+from common import RESULTS, append_section, git_commit, machine, mmrec, option_words, read_json
 
 SLICE_METRICS = ("recall@10", "ndcg@10")
 NOT_COPIED = ("test", "*.work", ".*", "pipeline.json", "report.html", "recommend")
@@ -43,10 +43,10 @@ def run_seed(args: argparse.Namespace, seed: int) -> Path:
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.copytree(args.prepared, run_dir, ignore=shutil.ignore_patterns(*NOT_COPIED))
     configs = [part for config in args.config for part in ("--config", config)]
-    overrides = [part for override in args.override for part in override.split(maxsplit=1)]
+    overrides = option_words(args.override)
     mmrec(args.stage, *configs, "--run_dir", str(run_dir), "--seed_everything", str(seed), *overrides)
     test_config = ["--config", args.test_config] if args.test_config else []
-    test_options = [part for option in args.test_option for part in option.split(maxsplit=1)]
+    test_options = option_words(args.test_option)
     mmrec("test", *test_config, "--run_dir", str(run_dir), "--model", args.model, "--split", args.split,
           "--device", args.device, *test_options)
     return folder

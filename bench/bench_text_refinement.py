@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import RESULTS, append_section, git_commit, machine, mmrec, read_json
+from common import RESULTS, append_section, git_commit, machine, mmrec, option_words, read_json
 
 from mmrec.metrics.ranking import RankingMetrics, target_ranks
 
@@ -91,7 +91,7 @@ def text_retrieval(
 
 def prepare_args(args: argparse.Namespace, variant: str) -> list[str]:
     """The ``mmrec prepare`` options of a variant (after ``--prepare_option``'s, common to both)."""
-    common = [word for option in args.prepare_option for word in option.split(" ", 1)]
+    common = option_words(args.prepare_option)
     if variant == "plain":
         return common
     return [*common, "--text.refine.enabled", "true", "--text.refine.model", args.model, "--text.refine.batch_size",

@@ -30,6 +30,12 @@ def mmrec(*args: str) -> float:
     return time.perf_counter() - start
 
 
+def option_words(options: list[str]) -> list[str]:
+    """The words of a repeatable ``"--key value"`` option (``--override``, ``--test_option``...), for a command line:
+    each value is kept whole, spaces and all, after its key."""
+    return [word for option in options for word in option.split(maxsplit=1)]
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 

@@ -46,6 +46,8 @@ RESULTS="$OUT/RESULTS.md"
 stamp() { echo "[$(date +%T)] $*" | tee -a "$OUT/session.log"; }
 phase() { [[ " $PHASES " == *" $1 "* ]]; }
 wait_for() { until [ -f "$1" ]; do sleep 5; done; }
+# until the pipeline has assigned SIDs (or has stopped without them)
+wait_for_sids() { until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done; }
 
 if phase ddp-throughput; then
   stamp "ddp-throughput: 1 GPU, then DDP on 2"
@@ -73,7 +75,7 @@ if phase pipeline; then
 fi
 
 if phase diagnosis; then
-  until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
+  wait_for_sids
   BASE=runs/diagnosis-inputs
   rm -rf "$BASE" && mkdir -p "$BASE" && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" "$BASE/"
   stamp "diagnosis on GPU 1 (validation split)"
@@ -133,7 +135,7 @@ if phase seeds; then
     SASREC_JOBS+=($!)
   done
   wait "${SASREC_JOBS[@]}"  # not a bare wait: that would also wait for the pipeline
-  until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
+  wait_for_sids
   mkdir -p runs/seeds-inputs/llm && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" runs/seeds-inputs/llm/
   if [[ " $VARIANTS " == *" mse-quantizer "* ]]; then  # the quantizer ablation: its own SIDs, MSE reconstruction
     MSE=runs/seeds-inputs/llm-mse && mkdir -p "$MSE" && cp -r "$RUN/prepare" "$RUN/fit-collab" "$MSE/"
@@ -192,7 +194,7 @@ if phase seeds; then
 fi
 
 if phase generative-seeds; then  # issue 14: the generative head trained to convergence, against TIGER's figures
-  until [ -f "$RUN/assign-sids/manifest.json" ] || { [ -n "$pipeline" ] && ! kill -0 "$pipeline" 2>/dev/null; }; do sleep 5; done
+  wait_for_sids
   mkdir -p runs/generative-inputs && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" runs/generative-inputs/
   stamp "generative-seeds on GPU ${GEN_GPU:-1}"
   CUDA_VISIBLE_DEVICES=${GEN_GPU:-1} python3 bench/bench_seeds.py --prepared runs/generative-inputs --stage fit-recommender \
