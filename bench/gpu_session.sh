@@ -26,6 +26,8 @@
 #                   configs/beauty/fit-recommender-generative-long.yaml for SEEDS, test split (issue 14: TIGER);
 #   refinement      (not in the default list) GPU REFINE_GPU (default 1): issue 18's prepare with and without
 #                   SmolLM2-refined titles, text-only SIDs and retrieval (bench/bench_text_refinement.py);
+#   gpu-tests       (not in the default list) both GPUs once the pipeline is done: tests/test_gpu.py (`make test-gpu`:
+#                   the LLM heads under FSDP and DDP over NCCL);
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase started; OUT/done marks the end.
 #
@@ -72,6 +74,15 @@ if phase pipeline; then
     --backbone "$GGUF" ${NEW_ITEMS:+--override "prepare=--split.new_items $NEW_ITEMS"} ${PIPELINE_SKIP:+--skip "$PIPELINE_SKIP"} \
     --results "$RESULTS" --json "$OUT/pipeline.json" >"$OUT/pipeline.log" 2>&1 &
   pipeline=$!
+fi
+
+if phase gpu-tests; then  # `make test-gpu` (FSDP and DDP over NCCL on 2 GPUs), once the timed pipeline is done
+  (
+    while [ -n "$pipeline" ] && kill -0 "$pipeline" 2>/dev/null; do sleep 5; done
+    stamp "gpu-tests on both GPUs"
+    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py >"$OUT/gpu-tests.log" 2>&1
+    stamp "gpu-tests done (exit $?)"
+  ) &
 fi
 
 if phase diagnosis; then
@@ -135,8 +146,14 @@ if phase seeds; then
     SASREC_JOBS+=($!)
   done
   wait "${SASREC_JOBS[@]}"  # not a bare wait: that would also wait for the pipeline
+  python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
+    --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test \
+    --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
   wait_for_sids
   mkdir -p runs/seeds-inputs/llm && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" runs/seeds-inputs/llm/
+  # the inputs every fusion variant reads, kept so that a later session runs its variants on the very same
+  # SASRec and SIDs (RUN=<them unpacked> PHASES=seeds, no pipeline)
+  tar -czf "$OUT/inputs.tgz" -C runs/seeds-inputs/llm prepare fit-collab assign-sids
   if [[ " $VARIANTS " == *" mse-quantizer "* ]]; then  # the quantizer ablation: its own SIDs, MSE reconstruction
     MSE=runs/seeds-inputs/llm-mse && mkdir -p "$MSE" && cp -r "$RUN/prepare" "$RUN/fit-collab" "$MSE/"
     CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli fit-quantizer --config configs/beauty/fit-quantizer.yaml --run_dir "$MSE" \
@@ -155,8 +172,10 @@ if phase seeds; then
     for option in "${options[@]}"; do printf '%s\n' --override "$option"; done
   }
   QUEUE=runs/seeds-queue && rm -rf "$QUEUE" && mkdir -p "$QUEUE"
+  # variant by variant (all seeds of one before the next), so that a session cut short still ends with whole
+  # variants, each summarised as soon as its seeds are done
   JOBS=() TEST_JOBS=()
-  for seed in $SEEDS; do for variant in $VARIANTS; do TEST_JOBS+=("$variant@$seed@test"); done; done
+  for variant in $VARIANTS; do for seed in $SEEDS; do TEST_JOBS+=("$variant@$seed@test"); done; done
   JOBS=("${TEST_JOBS[@]}")
   for variant in ${VAL_VARIANTS:-}; do JOBS+=("$variant@42@valid"); done
   next_job() { local job; for job in "${JOBS[@]}"; do mkdir "$QUEUE/$job" 2>/dev/null && { echo "$job"; return; }; done; }
@@ -171,23 +190,23 @@ if phase seeds; then
     touch "$QUEUE/$2/done"
   }
   worker() { local job; while job=$(next_job) && [ -n "$job" ]; do fusion_job "$1" "$job"; done; }
-  # one run a GPU: a distilling fusion run peaks at 60-72 GiB, and two of them ran out of memory on one H200
-  worker 1 &
-  if [ -n "$pipeline" ]; then wait "$pipeline"; fi
-  worker 0 &
-  # the summaries need the test runs only: they go ahead while the validation runs train
-  for job in "${TEST_JOBS[@]}"; do wait_for "$QUEUE/$job/done"; done
-  stamp "seeds: mean ± std and mmrec compare"
-  for variant in $VARIANTS; do
+  summarise() {  # VARIANT: mean ± std over SEEDS and mmrec compare against SASRec's seeds, once its test runs are done
+    local variant=$1 seed args
+    for seed in $SEEDS; do wait_for "$QUEUE/$variant@$seed@test/done"; done
     mapfile -t args < <(variant_args "$variant")
     python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" "${FUSION_OVERRIDES[@]}" \
       --model fusion --seeds $SEEDS --runs "runs/seeds/fusion-$variant" --split test --test_config configs/beauty/test.yaml \
       "${TEST_OPTIONS[@]}" --baseline_runs $(for seed in $SEEDS; do echo "runs/seeds/sasrec/seed$seed"; done) --baseline_model sasrec \
       --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-$variant.log" 2>&1
-  done
-  python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
-    --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test \
-    --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
+    stamp "seeds: $variant summarised"
+  }
+  # one run a GPU: a distilling fusion run peaks at 60-72 GiB, and two of them ran out of memory on one H200
+  worker 1 &
+  SUMMARIES=()
+  for variant in $VARIANTS; do summarise "$variant" & SUMMARIES+=($!); done
+  if [ -n "$pipeline" ]; then wait "$pipeline"; fi
+  worker 0 &
+  wait "${SUMMARIES[@]}"
   stamp "seeds: summaries written"
   wait
   unset OMP_NUM_THREADS
@@ -237,6 +256,7 @@ if phase fsdp; then
     --variant "Llama-3-8B shape, LoRA r 8, FSDP=$FSDP $LORA --model.init_args.backbone.name_or_path configs/backbones/llama-3-8b.json --data.batch_size 256" \
     --results "$RESULTS" --json "$OUT/fsdp.json" >"$OUT/fsdp.log" 2>&1
 fi
+wait
 # validation curves and every stage's manifest (fit, validation and training seconds: where a stage's time went)
 (cd runs && find diagnosis beauty beauty-ddp seeds \( -path '*logs*' -name metrics.csv \) -o -name manifest.json 2>/dev/null |
   tar -czf "$OUT/curves.tgz" -T -)

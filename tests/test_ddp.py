@@ -150,7 +150,8 @@ def command(stage: str, run: Path, *args: str) -> list[str]:
 
 
 def environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    """One thread a rank; the repository on the path before whatever the caller's path holds."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def run_ddp(stage: str, run: Path, *args: str) -> None:
@@ -198,22 +199,28 @@ def schema_of(path: Path) -> object:
     return pq.read_schema(path) if path.suffix == ".parquet" else None
 
 
+def assert_publishes_the_same(single: Path, distributed: Path) -> None:
+    """A stage folder written by 2 processes holds what a 1-process run's holds: files, Parquet schemas, row
+    counts, verified outputs, manifest keys; the manifest records the world size."""
+    files = {path.relative_to(single) for path in single.rglob("*") if path.is_file()}
+    assert {path.relative_to(distributed) for path in distributed.rglob("*") if path.is_file()} == files
+    for name in files:
+        assert schema_of(distributed / name) == schema_of(single / name), name
+    expected, actual = Manifest.read(single), Manifest.read(distributed)
+    assert actual.outputs.keys() == expected.outputs.keys()
+    assert {k: v["rows"] for k, v in actual.outputs.items()} == {k: v["rows"] for k, v in expected.outputs.items()}
+    for name in actual.outputs:
+        actual.verify_output(distributed, name)
+    assert actual.extra.keys() == expected.extra.keys()
+    if "world_size" in actual.extra:
+        assert (actual.extra["world_size"], expected.extra["world_size"]) == (2, 1)
+
+
 @pytest.mark.usefixtures("single_thread")
 @pytest.mark.parametrize("folder", ["fit-collab", *STAGES])
 def test_ddp_publishes_what_a_single_process_run_does(folder: str, pipelines: tuple[Path, Path]) -> None:
     single, ddp = pipelines
-    files = {path.relative_to(single / folder) for path in (single / folder).rglob("*") if path.is_file()}
-    assert {path.relative_to(ddp / folder) for path in (ddp / folder).rglob("*") if path.is_file()} == files
-    for name in files:
-        assert schema_of(ddp / folder / name) == schema_of(single / folder / name), name
-    expected, actual = Manifest.read(single / folder), Manifest.read(ddp / folder)
-    assert actual.outputs.keys() == expected.outputs.keys()
-    assert {k: v["rows"] for k, v in actual.outputs.items()} == {k: v["rows"] for k, v in expected.outputs.items()}
-    for name in actual.outputs:
-        actual.verify_output(ddp / folder, name)
-    assert actual.extra.keys() == expected.extra.keys()
-    if "world_size" in actual.extra:
-        assert (actual.extra["world_size"], expected.extra["world_size"]) == (2, 1)
+    assert_publishes_the_same(single / folder, ddp / folder)
     digests = json.loads((ddp.parent / f"{folder}.agree").read_text())["digests"]
     assert len(digests) == 2 and digests[0] == digests[1], "the ranks ended with different weights"
 

@@ -1,0 +1,57 @@
+"""The LLM heads on two GPUs: FSDP and DDP over NCCL, where the default suite cannot go.
+
+Lightning runs FSDP on CUDA devices only, so on a CPU the suite tests just its refusals (``test_ddp.py``).
+These tests need two CUDA devices and are left out of ``make test``; ``make test-gpu`` runs them. For each
+head (fusion, generative) and each way of fine-tuning the backbone (full, LoRA), a run under
+``configs/strategies/fit-recommender-fsdp.yaml`` on 2 GPUs publishes what a one-GPU run publishes, and
+``mmrec test`` evaluates it; the fusion head under plain DDP over NCCL does the same.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.llm_helpers import write_sids
+from tests.test_ddp import CONF, ROOT, assert_publishes_the_same, make_run, run_ddp
+from tests.test_resume_kill import evaluate
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
+]
+
+HEADS = {"fusion": "fit-recommender.yaml", "generative": "fit-recommender-generative.yaml"}
+FSDP = ["--config", str(ROOT / "configs" / "strategies" / "fit-recommender-fsdp.yaml")]
+FINETUNE = {  # LoRA under FSDP: a frozen backbone beside trained adapters in one shard (use_orig_params)
+    "full": [],
+    "lora": ["--model.backbone.finetune", "lora"],
+}
+
+
+def fit_on_gpus(run: Path, head: str, devices: int, *args: str) -> None:
+    write_sids(run, suffix=True)  # unique SIDs, which the generative head needs
+    run_ddp("fit-recommender", run, "--config", str(CONF / HEADS[head]), "--trainer.accelerator", "gpu",
+            "--trainer.devices", str(devices), *args)
+
+
+@pytest.mark.parametrize("finetune", list(FINETUNE))
+@pytest.mark.parametrize("head", list(HEADS))
+def test_fsdp_on_two_gpus_publishes_what_one_gpu_publishes(head: str, finetune: str, tmp_path: Path) -> None:
+    single, sharded = make_run(tmp_path / "single"), make_run(tmp_path / "fsdp")
+    fit_on_gpus(single, head, 1, *FINETUNE[finetune])
+    fit_on_gpus(sharded, head, 2, *FSDP, *FINETUNE[finetune])
+    assert_publishes_the_same(single / "fit-recommender", sharded / "fit-recommender")
+    metrics = evaluate(sharded, head)
+    assert 0 <= metrics["ndcg@10"] <= 1 and 0 <= metrics["recall@10"] <= 1
+
+
+def test_ddp_over_nccl_publishes_what_one_gpu_publishes(tmp_path: Path) -> None:
+    single, ddp = make_run(tmp_path / "single"), make_run(tmp_path / "ddp")
+    fit_on_gpus(single, "fusion", 1)
+    fit_on_gpus(ddp, "fusion", 2, "--trainer.strategy", "ddp")
+    assert_publishes_the_same(single / "fit-recommender", ddp / "fit-recommender")
+    metrics = evaluate(ddp, "fusion")
+    assert 0 <= metrics["ndcg@10"] <= 1 and 0 <= metrics["recall@10"] <= 1
