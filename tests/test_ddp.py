@@ -22,14 +22,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
+from torch import nn
 
 from mmrec.artifacts import Manifest
 from mmrec.cli import main as mmrec
 from mmrec.data.resumable import EpochSampler
+from mmrec.stages.fsdp import FSDPStrategy
 from tests.fixtures import make_prepared_run, write_modality
 from tests.llm_helpers import write_sids
 from tests.test_resume_kill import Case, assert_mid_epoch, assert_same_result, evaluate, kill_mid_epoch
@@ -142,6 +146,21 @@ def test_fsdp_for_the_small_stages_or_off_a_gpu_is_one_line(tiny_run: Path, caps
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"mmrec {stage}: error: trainer") and "FSDP" in lines[0].upper(), lines
     assert not (tiny_run / "fit-recommender").exists()
+
+
+def test_fsdp_strategy_validates_through_the_root_wrapper_fit_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``validate`` after ``fit`` sets the same module up again: it must get fit's root FSDP wrapper back (under
+    Lightning's own strategy it gets none, Lightning issue #19015); another module gets a wrapper of its own."""
+    made = []
+
+    def wrap(strategy: LightningFSDPStrategy, model: nn.Module) -> SimpleNamespace:
+        made.append(SimpleNamespace(module=model))
+        return made[-1]
+
+    monkeypatch.setattr(LightningFSDPStrategy, "_setup_model", wrap)
+    strategy, fitted, other = FSDPStrategy(), nn.Linear(2, 2), nn.Linear(2, 2)
+    assert strategy._setup_model(fitted) is strategy._setup_model(fitted) is made[0]
+    assert strategy._setup_model(other) is made[1] and len(made) == 2
 
 
 # ---------------------------------------------------------------------------------------------- DDP runs

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmrec.cli import main as mmrec
 from tests.llm_helpers import write_sids
 from tests.test_ddp import CONF, ROOT, assert_publishes_the_same, make_run, run_ddp
 from tests.test_resume_kill import evaluate
@@ -55,3 +56,15 @@ def test_ddp_over_nccl_publishes_what_one_gpu_publishes(tmp_path: Path) -> None:
     assert_publishes_the_same(single / "fit-recommender", ddp / "fit-recommender")
     metrics = evaluate(ddp, "fusion")
     assert 0 <= metrics["ndcg@10"] <= 1 and 0 <= metrics["recall@10"] <= 1
+
+
+def test_lightnings_own_fsdp_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Lightning's FSDPStrategy cannot validate after fit (see mmrec.stages.fsdp): refused before any work."""
+    run = make_run(tmp_path / "run")
+    write_sids(run, suffix=True)
+    args = ["fit-recommender", "--run_dir", str(run), "--config", str(CONF / HEADS["fusion"]), "--trainer.accelerator", "gpu",
+            "--trainer.devices", "2", "--trainer.strategy", "fsdp"]
+    assert mmrec(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "lightning.pytorch.strategies.fsdp.FSDPStrategy is not supported" in lines[0], lines
+    assert not (run / "fit-recommender").exists()

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser
-from lightning.pytorch.strategies import FSDPStrategy
 
 from mmrec.artifacts import Manifest
 from mmrec.artifacts.exports import save_llm_export
@@ -33,6 +32,7 @@ from mmrec.models.llm.backbone import Backbone, BackboneSpec, load_backbone
 from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender  # noqa: F401 (imported: --model GenerativeRecommender resolves)
 from mmrec.models.llm.recommender import LLMRecommender
+from mmrec.stages.fsdp import FSDPStrategy
 from mmrec.stages.lightning_cli import FitResult, StageCLI, TrainingStageCLI
 
 DEFAULT_HEAD = f"{LLMRecommender.__module__}.{LLMRecommender.__qualname__}"
@@ -46,8 +46,10 @@ def instantiate_backbone(cls: type[Backbone], *args: object, **spec: object) -> 
 class FitRecommenderCLI(TrainingStageCLI):
     """TrainingStageCLI plus the links the recommender needs and a training-throughput meter.
 
-    The LLM heads also train under FSDP (``configs/strategies/fit-recommender-fsdp.yaml``): the best
-    checkpoint is loaded by the strategy and the export is written from its full state dict.
+    The LLM heads also train under FSDP (``configs/strategies/fit-recommender-fsdp.yaml``,
+    :class:`mmrec.stages.fsdp.FSDPStrategy`): the best checkpoint is loaded by the strategy and the export is
+    written from its full state dict. Lightning's own ``FSDPStrategy`` (``--trainer.strategy fsdp``) is
+    refused: it cannot validate after ``fit`` (see :mod:`mmrec.stages.fsdp`).
     """
 
     strategies = StageCLI.strategies + (FSDPStrategy,)

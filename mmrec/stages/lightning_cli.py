@@ -42,7 +42,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
 
 from mmrec.artifacts import Manifest, stage_output, work_dir
 from mmrec.errors import InputError, MMRecError
@@ -64,6 +64,11 @@ warnings.filterwarnings("ignore", message="LightningCLI's args parameter is inte
 # validation metrics are torchmetrics whose compute() already reduces over ranks; Lightning cannot tell and
 # recommends sync_dist for every epoch-level value logged under DDP
 warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
+
+
+def class_path(cls: type) -> str:
+    """``module.Class``: names apart classes of one name (Lightning's FSDPStrategy and mmrec's)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class StageCLI(LightningCLI):
@@ -166,10 +171,12 @@ class StageCLI(LightningCLI):
             )
         if type(strategy) not in self.strategies:
             raise InputError(
-                f"trainer.strategy: {type(strategy).__name__} is not supported; mmrec {self.stage} trains with "
-                + ", ".join(cls.__name__ for cls in self.strategies)
+                f"trainer.strategy: {class_path(type(strategy))} is not supported; mmrec {self.stage} trains with "
+                + ", ".join(cls.__name__ if cls.__module__.startswith("lightning.") else class_path(cls) for cls in self.strategies)
             )
         if trainer.accelerator.__class__.__name__ == "CPUAccelerator":
+            if isinstance(strategy, FSDPStrategy):  # Lightning checks its own class only, not a subclass
+                raise InputError("trainer.strategy: FSDP needs GPUs (--trainer.accelerator gpu); on the CPU use ddp")
             cores = len(os.sched_getaffinity(0))
             if trainer.num_devices > cores:
                 raise InputError(f"trainer.devices: {trainer.num_devices} CPU processes requested, this machine has {cores} cores")
