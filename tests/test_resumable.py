@@ -234,6 +234,24 @@ def test_ranks_meet_after_fit_before_anyone_reads_a_checkpoint(tiny_run: Path, m
     assert "checkpoints written" in names
 
 
+def test_every_checkpoint_is_written_when_the_ranks_meet(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under FSDP nothing waits for the background writes as fit ends (Lightning's FSDP teardown skips the
+    checkpoint plugin's) and the strategy reads the best checkpoint itself: the stage waits before the barrier."""
+    write = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda *args: (time.sleep(0.3), write(*args)))
+    monkeypatch.setattr(BackgroundCheckpointIO, "teardown", lambda self: None)  # as under FSDP
+    checkpoints = tiny_run / "fit-collab.work" / "checkpoints"
+    at_barrier: list[set[str]] = []
+
+    def barrier(self: SingleDeviceStrategy, name: str | None = None) -> None:
+        if name == "checkpoints written":
+            at_barrier.append({path.name for path in checkpoints.glob("*.ckpt")})
+
+    monkeypatch.setattr(SingleDeviceStrategy, "barrier", barrier)
+    assert mmrec(["fit-collab", "--config", "tests/conf/fit-collab.yaml", "--run_dir", str(tiny_run)]) == 0
+    assert len(at_barrier) == 1 and at_barrier[0] == {p.name for p in checkpoints.glob("*.ckpt")} != set()
+
+
 def test_a_linked_last_checkpoint_is_refused(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = mmrec(["fit-collab", "--config", "tests/conf/fit-collab.yaml", "--run_dir", str(tiny_run),
                   "--model_checkpoint.save_last", "link"])

@@ -254,8 +254,11 @@ class StageCLI(LightningCLI):
         resumed_from = self.start_from()
         start = time.perf_counter()
         self.trainer.fit(self.model, datamodule=self.datamodule, ckpt_path=resumed_from, weights_only=True)
-        # rank 0 writes checkpoints in the background and waits for the last write as fit ends; no other rank
-        # may read the best checkpoint before that
+        # rank 0 writes checkpoints in the background and waits for the last write here (Lightning's teardown
+        # waits too, but not FSDP's); no other rank may read the best checkpoint before that
+        checkpoint_io = self.trainer.strategy.checkpoint_io
+        if isinstance(checkpoint_io, BackgroundCheckpointIO):
+            checkpoint_io.wait()
         self.trainer.strategy.barrier("checkpoints written")
         return resumed_from, time.perf_counter() - start
 

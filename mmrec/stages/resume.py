@@ -191,8 +191,8 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
     Its plugin also removes a replaced top-k checkpoint and reads one at once, in the caller's thread: a
     removal could overtake the pending write of the same file (leaving a stale best checkpoint behind) and a
     read could see an older file. Here removals queue behind the writes, and a read waits for them.
-    ``teardown`` (the end of ``fit``) waits for the last write; the stages then pass a barrier, so that no
-    rank reads a checkpoint rank 0 is still writing. Lightning's ``save_last: link`` (a symlink made in the
+    The stages :meth:`wait` for the last write as ``fit`` ends, then pass a barrier, so that no rank reads
+    a checkpoint rank 0 is still writing. Lightning's ``save_last: link`` (a symlink made in the
     training thread) would not be ordered with the writes: the stages refuse it.
     """
 
@@ -205,10 +205,17 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
         self._queue(self._writer.remove_checkpoint, path)
 
     def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if self._executor is not None:  # wait for every queued write and removal
+        self.wait()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def wait(self) -> None:
+        """Return once every queued write and removal is done; raise the error of one that failed.
+
+        The stages call it as ``fit`` ends: Lightning's FSDP strategy reads checkpoints itself, past this
+        plugin, and its teardown does not call this plugin's (which would wait)."""
+        if self._executor is not None:
             self._executor.submit(lambda: None).result()
         self._raise_pending()
-        return super().load_checkpoint(*args, **kwargs)
 
     @property
     def _writer(self) -> CheckpointIO:
