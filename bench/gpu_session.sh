@@ -80,7 +80,7 @@ if phase gpu-tests; then  # `make test-gpu` (FSDP and DDP over NCCL on 2 GPUs), 
   (
     while [ -n "$pipeline" ] && kill -0 "$pipeline" 2>/dev/null; do sleep 5; done
     stamp "gpu-tests on both GPUs"
-    python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py >"$OUT/gpu-tests.log" 2>&1
+    python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py >"$OUT/gpu-tests.log" 2>&1
     stamp "gpu-tests done (exit $?)"
   ) &
 fi
