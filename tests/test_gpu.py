@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mmrec.cli import main as mmrec
 from tests.llm_helpers import write_sids
@@ -27,15 +28,24 @@ pytestmark = [
 HEADS = {"fusion": "fit-recommender.yaml", "generative": "fit-recommender-generative.yaml"}
 FSDP = ["--config", str(ROOT / "configs" / "strategies" / "fit-recommender-fsdp.yaml")]
 FINETUNE = {  # LoRA under FSDP: a frozen backbone beside trained adapters in one shard (use_orig_params)
-    "full": [],
+    "full": ["--model.backbone.finetune", "full"],
     "lora": ["--model.backbone.finetune", "lora"],
 }
+# validation every 2 of the 4 steps: a best checkpoint exists, so validate-after-fit loads it through FSDP
+VALIDATE = ["--trainer.val_check_interval", "2"]
 
 
 def fit_on_gpus(run: Path, head: str, devices: int, *args: str) -> None:
     write_sids(run, suffix=True)  # unique SIDs, which the generative head needs
     run_ddp("fit-recommender", run, "--config", str(CONF / HEADS[head]), "--trainer.accelerator", "gpu",
-            "--trainer.devices", str(devices), *args)
+            "--trainer.devices", str(devices), *VALIDATE, *args)
+
+
+def assert_same_tensor_names(single: Path, distributed: Path) -> None:
+    """Every exported safetensors file names the same tensors (an FSDP export once held an empty adapter)."""
+    for path in single.rglob("*.safetensors"):
+        names = load_file(str(path)).keys()
+        assert load_file(str(distributed / path.relative_to(single))).keys() == names and names, path
 
 
 @pytest.mark.parametrize("finetune", list(FINETUNE))
@@ -45,6 +55,7 @@ def test_fsdp_on_two_gpus_publishes_what_one_gpu_publishes(head: str, finetune: 
     fit_on_gpus(single, head, 1, *FINETUNE[finetune])
     fit_on_gpus(sharded, head, 2, *FSDP, *FINETUNE[finetune])
     assert_publishes_the_same(single / "fit-recommender", sharded / "fit-recommender")
+    assert_same_tensor_names(single / "fit-recommender", sharded / "fit-recommender")
     metrics = evaluate(sharded, head)
     assert 0 <= metrics["ndcg@10"] <= 1 and 0 <= metrics["recall@10"] <= 1
 

@@ -120,17 +120,20 @@ def save_llm_export(model: LLMRecommenderBase, folder: Path, trained: State | No
     live parameters are shards of it (FSDP); None reads the live parameters.
     """
     files = {}
-    if isinstance(model.lm, PeftModel):
-        model.lm.save_pretrained(str(folder / ADAPTER_DIR), state_dict=model.adapter_state(trained))
-        files[ADAPTER_DIR] = folder / ADAPTER_DIR
+    if isinstance(model.lm, PeftModel):  # what peft's save_pretrained writes, from model.adapter_state
+        adapter = folder / ADAPTER_DIR
+        adapter.mkdir(parents=True, exist_ok=True)
+        model.lm.peft_config[model.lm.active_adapter].save_pretrained(str(adapter))
+        save_file(model.adapter_state(trained), str(adapter / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        files[ADAPTER_DIR] = adapter
     save_file(model.heads_state(trained), str(folder / HEADS_FILE))
     files["heads"] = folder / HEADS_FILE
-    backbone = model.standalone_backbone()
+    backbone = model.standalone_backbone(trained)
     if backbone is not None:  # a random backbone exists nowhere else: saved (a few hundred KB) for the reload
         backbone.save_pretrained(str(folder / BACKBONE_DIR))
         model.tokenizer.save_pretrained(str(folder / BACKBONE_DIR))
         files[BACKBONE_DIR] = folder / BACKBONE_DIR
-    (folder / SPEC_FILE).write_text(json.dumps(model.spec(), indent=2) + "\n")
+    (folder / SPEC_FILE).write_text(json.dumps(model.spec(trained), indent=2) + "\n")
     files["recommender"] = folder / SPEC_FILE
     return files
 

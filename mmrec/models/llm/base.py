@@ -198,14 +198,19 @@ class LLMRecommenderBase(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "state_dict" not in checkpoint:  # FSDP has loaded the tensors itself and taken them out
+            return
         missing = self.trainable_names() - set(checkpoint["state_dict"])
         if missing:
             raise InputError(f"checkpoint lacks trained tensors of this model (e.g. {min(missing)}); was it written by another configuration?")
 
     # ---- export and reload: the spec and tensors that mmrec.artifacts.exports writes and reads ----------
 
-    def spec(self) -> dict[str, Any]:
-        """Everything the loader (``mmrec.evaluation.llm_loaders``) needs to rebuild this model (``recommender.json``)."""
+    def spec(self, trained: dict[str, Tensor] | None = None) -> dict[str, Any]:
+        """Everything the loader (``mmrec.evaluation.llm_loaders``) needs to rebuild this model (``recommender.json``);
+        parameters counted in ``trained`` (a full state dict) where given, not in FSDP's shards."""
+        sizes = {name: trained[name].numel() for name in self.trainable_names()} if trained is not None else {
+            name: param.numel() for name, param in self.named_parameters() if param.requires_grad}
         arguments = set(inspect.signature(type(self).__init__).parameters) - {"self", "inputs"}
         hparams = {key: value for key, value in self.hparams.items() if key in arguments}
         return {
@@ -215,7 +220,7 @@ class LLMRecommenderBase(L.LightningModule):
             "hparams": json.loads(json.dumps(hparams, default=list)),
             "hidden_size": int(self.lm.config.hidden_size),
             "prompt_tokens": {"prefix": list(self.prompt_ids[0]), "suffix": list(self.prompt_ids[1])},
-            "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "trainable_parameters": sum(sizes.values()),
             "backbone_parameters": self.backbone_parameters,
         }
 
@@ -225,26 +230,42 @@ class LLMRecommenderBase(L.LightningModule):
         keep = self.trainable_names()
         return {k: v.detach().cpu().contiguous() for k, v in source.items() if k.startswith(self.exported_prefixes) and k in keep}
 
-    def adapter_state(self, trained: dict[str, Tensor] | None = None) -> dict[str, Tensor] | None:
-        """The backbone's tensors, named as peft's ``save_pretrained`` takes them, from ``trained`` (a full
-        state dict, where the live parameters are FSDP shards); None lets peft read the live adapter."""
-        return None if trained is None else {k.removeprefix("lm."): v for k, v in trained.items() if k.startswith("lm.")}
+    def adapter_state(self, trained: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """The adapter's trained tensors (LoRA, new token rows) named as peft's ``save_pretrained`` writes them,
+        from ``trained`` (a full state dict) or the live parameters.
+
+        Not through peft's own ``get_peft_model_state_dict``: it picks the adapter's tensors by the names of
+        the live modules, and under FSDP those run through the wrapped decoder layers
+        (``..._fsdp_wrapped_module.``), so it picks none and an empty adapter would be exported."""
+        source = trained if trained is not None else {_FSDP_WRAPPERS.sub("", k): v for k, v in self.named_parameters()}
+        adapter = re.compile(rf"\.{re.escape(self.lm.active_adapter)}(?=\.|$)")
+        return {
+            adapter.sub("", key.removeprefix("lm.")): value.detach().cpu().contiguous()
+            for key, value in source.items() if key.startswith("lm.") and key in self.trainable_names()
+        }
 
     def load_adapter_state(self, state: dict[str, Tensor]) -> list[str]:
         """Load a saved adapter's tensors; return the names that do not fit this model's adapter (none: loaded)."""
         return set_adapter_state(self.lm, state)
 
-    def standalone_backbone(self) -> PreTrainedModel | None:
+    def standalone_backbone(self, trained: dict[str, Tensor] | None = None) -> PreTrainedModel | None:
         """The backbone without adapters when it exists nowhere else (the random ``tiny`` one), so that the
         export can carry it and the reload rebuild it; None for a backbone that is rebuilt from its source.
 
+        Its tensors come from ``trained`` (a full state dict) where given: under FSDP the live ones are shards,
+        and reading them would be a collective that only rank 0, which exports, would join.
         The new token rows keep their initial values (the adapter holds their trained values).
         """
         if self.hparams.backbone["name_or_path"] != TINY:
             return None
         base = self.base_model()
+        if trained is None:
+            source = base.state_dict()
+        else:
+            prefix = "lm.base_model.model." if isinstance(self.lm, PeftModel) else "lm."
+            source = {key.removeprefix(prefix): value for key, value in trained.items() if key.startswith(prefix)}
         state = {
-            _WRAPPED.sub(".", key): value for key, value in base.state_dict().items()
+            _WRAPPED.sub(".", key): value for key, value in source.items()
             if "lora_" not in key and _TOKEN_ROWS not in key
         }
         clean = type(base)(base.config)
