@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from mmrec.data import datamodules
 from mmrec.data.datamodules import ItemFeatureDataModule, SequenceDataModule, left_pad
+from mmrec.data.resumable import eval_batch_counts
 from mmrec.errors import InputError
+from mmrec.stages.fsdp import FSDPStrategy
 
 
 def test_left_pad_keeps_most_recent_items() -> None:
@@ -74,3 +78,23 @@ def test_item_features_carry_masks(tiny_run: Path) -> None:
 def test_item_features_reject_empty_modalities(tiny_run: Path) -> None:
     with pytest.raises(InputError, match="at least one"):
         ItemFeatureDataModule(run_dir=str(tiny_run), modalities=[])
+
+
+@pytest.mark.parametrize(("size", "batch_size", "replicas", "counts"), [
+    (64, 32, 2, [1, 1]), (65, 32, 2, [2, 1]), (66, 32, 2, [2, 2]), (5, 8, 4, [1, 1, 1, 1]), (3, 8, 4, [1, 1, 1, 0]),
+])
+def test_eval_batch_counts_per_rank(size: int, batch_size: int, replicas: int, counts: list[int]) -> None:
+    assert eval_batch_counts(size, batch_size, replicas) == counts
+    shards = [len(range(rank, size, replicas)) for rank in range(replicas)]
+    assert sum(shards) == size and counts == [-(-n // batch_size) for n in shards]
+
+
+def test_unequal_evaluation_batches_under_fsdp_are_one_line(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under FSDP each forward is a collective: a rank with one validation batch more would hang the run."""
+    monkeypatch.setattr(datamodules, "world", lambda: (2, 0))
+    dm = SequenceDataModule(run_dir=str(tiny_run), eval_batch_size=4, val_users=9)  # 5 and 4 users: 2 and 1 batches
+    dm.trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(InputError, match="data: 9 evaluation users in batches of 4 give the 2 FSDP ranks 1 to 2 batches"):
+        dm.val_dataloader()
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace())  # DDP: evaluation holds no collective, unequal is fine
+    assert dm.val_dataloader() is not None

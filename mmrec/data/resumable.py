@@ -25,6 +25,7 @@ unpadded shard.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -59,6 +60,12 @@ def eval_sampler(size: int) -> DistributedSampler | None:
     if replicas == 1:
         return None
     return UnrepeatedDistributedSampler(range(size), num_replicas=replicas, rank=rank, shuffle=False)
+
+
+def eval_batch_counts(size: int, batch_size: int, replicas: int) -> list[int]:
+    """Batches each rank's :func:`eval_sampler` shard makes (rank ``r`` holds samples ``r, r + replicas, ...``):
+    equal for every rank unless one rank's extra sample starts a batch of its own."""
+    return [math.ceil(len(range(rank, size, replicas)) / batch_size) for rank in range(replicas)]
 
 
 class EpochSampler(DistributedSampler):
