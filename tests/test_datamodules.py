@@ -11,7 +11,7 @@ import torch
 
 from mmrec.data import datamodules
 from mmrec.data.datamodules import ItemFeatureDataModule, SequenceDataModule, left_pad
-from mmrec.data.resumable import eval_batch_counts
+from mmrec.data.resumable import equal_count_batch_size, eval_batch_counts
 from mmrec.errors import InputError
 from mmrec.stages.fsdp import FSDPStrategy
 
@@ -89,12 +89,30 @@ def test_eval_batch_counts_per_rank(size: int, batch_size: int, replicas: int, c
     assert sum(shards) == size and counts == [-(-n // batch_size) for n in shards]
 
 
-def test_unequal_evaluation_batches_under_fsdp_are_one_line(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under FSDP each forward is a collective: a rank with one validation batch more would hang the run."""
-    monkeypatch.setattr(datamodules, "world", lambda: (2, 0))
+@pytest.mark.parametrize("replicas", [2, 3, 4, 8])
+@pytest.mark.parametrize("batch_size", [1, 2, 7, 32])
+def test_equal_count_batch_sizes_give_every_rank_as_many_batches(replicas: int, batch_size: int) -> None:
+    for size in range(replicas, 200):
+        target = max(eval_batch_counts(size, batch_size, replicas))
+        for rank in range(replicas):
+            smaller = equal_count_batch_size(size, batch_size, replicas, rank)
+            users = len(range(rank, size, replicas))
+            if smaller is None:  # no batch size makes the count: every smaller one makes more batches
+                assert all(-(-users // b) != target for b in range(1, batch_size + 1))
+            else:
+                assert 1 <= smaller <= batch_size and -(-users // smaller) == target
+
+
+def test_unequal_evaluation_batches_under_fsdp(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under FSDP each forward is a collective: a rank with one evaluation batch more would hang the run. The
+    smaller shard takes smaller batches; where no batch size evens the counts, one error line."""
     dm = SequenceDataModule(run_dir=str(tiny_run), eval_batch_size=4, val_users=9)  # 5 and 4 users: 2 and 1 batches
     dm.trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(InputError, match="data: 9 evaluation users in batches of 4 give the 2 FSDP ranks 1 to 2 batches"):
+    for rank, size in ((0, 4), (1, 3)):
+        monkeypatch.setattr(datamodules, "world", lambda rank=rank: (2, rank))
+        assert dm.val_dataloader().batch_size == size
+    dm.eval_batch_size = 1  # 5 and 4 batches, and no batch size gives 4 users 5 batches
+    with pytest.raises(InputError, match="data: 9 evaluation users in batches of 1 give the 2 FSDP ranks 4 to 5 batches"):
         dm.val_dataloader()
     dm.trainer = SimpleNamespace(strategy=SimpleNamespace())  # DDP: evaluation holds no collective, unequal is fine
-    assert dm.val_dataloader() is not None
+    assert dm.val_dataloader().batch_size == 1

@@ -269,11 +269,13 @@ def test_fsdp_on_two_cpu_processes_publishes_what_one_process_publishes(pipeline
     after fit, is loaded through FSDP; the export, written from the gathered state, holds the tensors a
     one-process export holds and ``mmrec test`` evaluates it. Each of the four faults the first GPU runs met
     fails it (the root left unwrapped at validate, the state dict FSDP takes out of a checkpoint, an empty
-    adapter, a backbone read through a collective only rank 0 joined)."""
+    adapter, a backbone read through a collective only rank 0 joined, validation shards of unequal batch
+    counts)."""
     run = make_run(tmp_path / "fsdp")
     write_sids(run, suffix=True)
     run_ddp("fit-recommender", run, "--config", str(CONF / "fit-recommender.yaml"), "--config",
             str(ROOT / "configs" / "strategies" / "fit-recommender-fsdp.yaml"), *DDP[:-2], "--trainer.val_check_interval", "2",
+            "--data.val_users", "33", "--data.eval_batch_size", "16",  # shards of 17 and 16 users: 2 batches and 1 at 16
             module="tests.fsdp_cpu")
     single = pipelines[0] / "fit-recommender"
     assert_publishes_the_same(single, run / "fit-recommender")

@@ -25,7 +25,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from mmrec.data.prepared import ModalityEmbeddings, PreparedData, load_modality
 from mmrec.data.recommender_inputs import InputNeeds, InputSource, RecommenderInputs, load_recommender_inputs
-from mmrec.data.resumable import EpochSampler, ResumableDataLoader, eval_batch_counts, eval_sampler, world
+from mmrec.data.resumable import (
+    EpochSampler,
+    ResumableDataLoader,
+    equal_count_batch_size,
+    eval_batch_counts,
+    eval_sampler,
+    world,
+)
 from mmrec.errors import InputError
 
 
@@ -173,15 +180,18 @@ class SequenceDataModule(L.LightningDataModule):
         return batch
 
     def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
-        replicas, _ = world()
+        replicas, rank = world()
         counts = eval_batch_counts(len(dataset), batch_size, replicas)
         if len(set(counts)) > 1 and isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy):
             # under FSDP every forward is a collective: a rank with a batch more would wait for the others forever
-            raise InputError(
-                f"data: {len(dataset)} evaluation users in batches of {batch_size} give the {replicas} FSDP ranks "
-                f"{min(counts)} to {max(counts)} batches, and under FSDP every rank must run as many; change "
-                "data.val_users or data.eval_batch_size"
-            )
+            sizes = [equal_count_batch_size(len(dataset), batch_size, replicas, r) for r in range(replicas)]
+            if None in sizes:
+                raise InputError(
+                    f"data: {len(dataset)} evaluation users in batches of {batch_size} give the {replicas} FSDP ranks "
+                    f"{min(counts)} to {max(counts)} batches, and under FSDP every rank must run as many; change "
+                    "data.val_users or data.eval_batch_size"
+                )
+            batch_size = sizes[rank]
         return DataLoader(
             dataset, batch_size=batch_size, sampler=eval_sampler(len(dataset)), collate_fn=self.collate,
             num_workers=self.num_workers, persistent_workers=self.num_workers > 0,

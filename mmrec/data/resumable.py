@@ -68,6 +68,23 @@ def eval_batch_counts(size: int, batch_size: int, replicas: int) -> list[int]:
     return [math.ceil(len(range(rank, size, replicas)) / batch_size) for rank in range(replicas)]
 
 
+def equal_count_batch_size(size: int, batch_size: int, replicas: int, rank: int) -> int | None:
+    """The batch size at which ``rank``'s evaluation shard makes as many batches as the largest shard does at
+    ``batch_size``; None where no batch size does.
+
+    Under FSDP every forward is a collective, so the ranks must run equally many evaluation batches, and the
+    unpadded shards (padding would count users twice) can differ by one batch: 65 users at 32 on 2 ranks are
+    33 and 32 users, 2 batches and 1. The smaller shard then takes batches of 31 (2 batches). A user's scores do
+    not depend on the batch it is in, so the metrics are unchanged."""
+    counts = eval_batch_counts(size, batch_size, replicas)
+    target, users = max(counts), len(range(rank, size, replicas))
+    for smaller in range(batch_size, 0, -1):
+        batches = math.ceil(users / smaller)
+        if batches >= target:
+            return smaller if batches == target else None
+    return None
+
+
 class EpochSampler(DistributedSampler):
     """Sample indices in an order that depends only on ``(seed, epoch)``; under DDP, this rank's share of it.
 
