@@ -13,11 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from mmrec.cli import main as mmrec
 from tests.llm_helpers import write_sids
-from tests.test_ddp import CONF, ROOT, assert_publishes_the_same, make_run, run_ddp
+from tests.test_ddp import CONF, ROOT, assert_publishes_the_same, assert_same_tensor_names, make_run, run_ddp
 from tests.test_resume_kill import evaluate
 
 pytestmark = [
@@ -40,12 +39,6 @@ def fit_on_gpus(run: Path, head: str, devices: int, *args: str) -> None:
     run_ddp("fit-recommender", run, "--config", str(CONF / HEADS[head]), "--trainer.accelerator", "gpu",
             "--trainer.devices", str(devices), *VALIDATE, *args)
 
-
-def assert_same_tensor_names(single: Path, distributed: Path) -> None:
-    """Every exported safetensors file names the same tensors (an FSDP export once held an empty adapter)."""
-    for path in single.rglob("*.safetensors"):
-        names = load_file(str(path)).keys()
-        assert load_file(str(distributed / path.relative_to(single))).keys() == names and names, path
 
 
 @pytest.mark.parametrize("finetune", list(FINETUNE))

@@ -181,11 +181,11 @@ class SequenceDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int) -> DataLoader:
         replicas, rank = world()
-        counts = eval_batch_counts(len(dataset), batch_size, replicas)
-        if len(set(counts)) > 1 and isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy):
+        if replicas > 1 and isinstance(getattr(self.trainer, "strategy", None), FSDPStrategy):
             # under FSDP every forward is a collective: a rank with a batch more would wait for the others forever
             sizes = [equal_count_batch_size(len(dataset), batch_size, replicas, r) for r in range(replicas)]
             if None in sizes:
+                counts = eval_batch_counts(len(dataset), batch_size, replicas)
                 raise InputError(
                     f"data: {len(dataset)} evaluation users in batches of {batch_size} give the {replicas} FSDP ranks "
                     f"{min(counts)} to {max(counts)} batches, and under FSDP every rank must run as many; change "

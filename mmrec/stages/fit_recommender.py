@@ -33,9 +33,9 @@ from mmrec.models.llm.base import MONITOR, STAGE, LLMRecommenderBase
 from mmrec.models.llm.generative import GenerativeRecommender  # noqa: F401 (imported: --model GenerativeRecommender resolves)
 from mmrec.models.llm.recommender import LLMRecommender
 from mmrec.stages.fsdp import FSDPStrategy
-from mmrec.stages.lightning_cli import FitResult, StageCLI, TrainingStageCLI
+from mmrec.stages.lightning_cli import FitResult, StageCLI, TrainingStageCLI, class_path
 
-DEFAULT_HEAD = f"{LLMRecommender.__module__}.{LLMRecommender.__qualname__}"
+DEFAULT_HEAD = class_path(LLMRecommender)
 
 
 def instantiate_backbone(cls: type[Backbone], *args: object, **spec: object) -> Backbone:

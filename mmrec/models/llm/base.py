@@ -209,8 +209,6 @@ class LLMRecommenderBase(L.LightningModule):
     def spec(self, trained: dict[str, Tensor] | None = None) -> dict[str, Any]:
         """Everything the loader (``mmrec.evaluation.llm_loaders``) needs to rebuild this model (``recommender.json``);
         parameters counted in ``trained`` (a full state dict) where given, not in FSDP's shards."""
-        sizes = {name: trained[name].numel() for name in self.trainable_names()} if trained is not None else {
-            name: param.numel() for name, param in self.named_parameters() if param.requires_grad}
         arguments = set(inspect.signature(type(self).__init__).parameters) - {"self", "inputs"}
         hparams = {key: value for key, value in self.hparams.items() if key in arguments}
         return {
@@ -220,7 +218,8 @@ class LLMRecommenderBase(L.LightningModule):
             "hparams": json.loads(json.dumps(hparams, default=list)),
             "hidden_size": int(self.lm.config.hidden_size),
             "prompt_tokens": {"prefix": list(self.prompt_ids[0]), "suffix": list(self.prompt_ids[1])},
-            "trainable_parameters": sum(sizes.values()),
+            "trainable_parameters": sum(trained[name].numel() for name in self.trainable_names()) if trained is not None
+            else sum(p.numel() for p in self.parameters() if p.requires_grad),
             "backbone_parameters": self.backbone_parameters,
         }
 
@@ -239,9 +238,10 @@ class LLMRecommenderBase(L.LightningModule):
         (``..._fsdp_wrapped_module.``), so it picks none and an empty adapter would be exported."""
         source = trained if trained is not None else {_FSDP_WRAPPERS.sub("", k): v for k, v in self.named_parameters()}
         adapter = re.compile(rf"\.{re.escape(self.lm.active_adapter)}(?=\.|$)")
+        keep = self.trainable_names()
         return {
             adapter.sub("", key.removeprefix("lm.")): value.detach().cpu().contiguous()
-            for key, value in source.items() if key.startswith("lm.") and key in self.trainable_names()
+            for key, value in source.items() if key.startswith("lm.") and key in keep
         }
 
     def load_adapter_state(self, state: dict[str, Tensor]) -> list[str]:
