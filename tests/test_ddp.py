@@ -56,6 +56,15 @@ COLLAB = Case(
     weights=["sasrec.safetensors", "emb_collab.parquet"], extra=["best_val", "epochs", "global_steps", "stopped_early"],
     test_model="sasrec",
 )
+LLM_HEADS = {  # head -> (its config, the folder its stage publishes)
+    "fusion": ("fit-recommender.yaml", "fit-recommender"),
+    "generative": ("fit-recommender-generative.yaml", "fit-recommender-generative"),
+}
+FINETUNE = {  # LoRA under FSDP: a frozen backbone beside trained adapters in one shard (use_orig_params)
+    "full": ["--model.backbone.finetune", "full"],
+    "lora": ["--model.backbone.finetune", "lora"],
+}
+FSDP = ["--config", str(ROOT / "configs" / "strategies" / "fit-recommender-fsdp.yaml")]
 STAGES = {  # the chain after fit-collab: stage folder -> (command, config)
     "fit-quantizer": ("fit-quantizer", "fit-quantizer.yaml"),
     "fit-recommender": ("fit-recommender", "fit-recommender.yaml"),
@@ -246,11 +255,13 @@ def assert_publishes_the_same(single: Path, distributed: Path) -> None:
 
 
 def assert_same_tensor_names(single: Path, distributed: Path) -> None:
-    """Every safetensors file of a stage folder names the same tensors, and some (an FSDP export once held an
-    empty adapter, which file names and manifests alone do not show)."""
+    """Every safetensors file of a stage folder names the same tensors, and an adapter some (an FSDP export once
+    held an empty adapter, which file names and manifests alone do not show). ``heads.safetensors`` may be
+    empty: the generative head under LoRA trains only the backbone's adapter and its new token rows."""
     for path in single.rglob("*.safetensors"):
         names = load_file(str(path)).keys()
-        assert load_file(str(distributed / path.relative_to(single))).keys() == names and names, path
+        assert load_file(str(distributed / path.relative_to(single))).keys() == names, path
+        assert names or path.name == "heads.safetensors", path
 
 
 @pytest.mark.usefixtures("single_thread")
@@ -281,8 +292,7 @@ def test_fsdp_on_two_cpu_processes_publishes_what_one_process_publishes(pipeline
     counts)."""
     run = make_run(tmp_path / "fsdp")
     write_sids(run, suffix=True)
-    run_ddp("fit-recommender", run, "--config", str(CONF / "fit-recommender.yaml"), "--config",
-            str(ROOT / "configs" / "strategies" / "fit-recommender-fsdp.yaml"), *DDP[:-2], "--trainer.val_check_interval", "2",
+    run_ddp("fit-recommender", run, "--config", str(CONF / "fit-recommender.yaml"), *FSDP, *DDP[:-2], "--trainer.val_check_interval", "2",
             "--data.val_users", "33", "--data.eval_batch_size", "16",  # shards of 17 and 16 users: 2 batches and 1 at 16
             module="tests.fsdp_cpu")
     single = pipelines[0] / "fit-recommender"
@@ -291,6 +301,26 @@ def test_fsdp_on_two_cpu_processes_publishes_what_one_process_publishes(pipeline
     assert Manifest.read(run / "fit-recommender").extra["best_checkpoint"]  # validated after fit: loaded through FSDP
     metrics = evaluate(run, "fusion")
     assert 0 <= metrics["ndcg@10"] <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("single_thread")
+@pytest.mark.parametrize("finetune", list(FINETUNE))
+@pytest.mark.parametrize("head", list(LLM_HEADS))
+def test_fsdp_on_two_cpu_processes_for_each_head_and_finetune(head: str, finetune: str, tmp_path: Path) -> None:
+    """Both heads, full fine-tuning and LoRA, under FSDP on 2 CPU processes (``tests.fsdp_cpu``) publish what one
+    process publishes with the same options, and ``mmrec test`` evaluates the sharded run's export. The default
+    suite runs one of the four (above); ``tests/test_gpu.py`` runs all four on GPUs."""
+    config, folder = LLM_HEADS[head]
+    single, sharded = make_run(tmp_path / "single"), make_run(tmp_path / "fsdp")
+    options = ["--config", str(CONF / config), "--trainer.val_check_interval", "2", *FINETUNE[finetune]]
+    for run in (single, sharded):
+        write_sids(run, suffix=True)  # unique SIDs, which the generative head needs
+    run_ddp("fit-recommender", single, *options, "--trainer.accelerator", "cpu", "--trainer.devices", "1")
+    run_ddp("fit-recommender", sharded, *options, *FSDP, *DDP[:-2], module="tests.fsdp_cpu")
+    assert_publishes_the_same(single / folder, sharded / folder)
+    assert_same_tensor_names(single / folder, sharded / folder)
+    assert 0 <= evaluate(sharded, head)["ndcg@10"] <= 1
 
 
 @pytest.mark.usefixtures("single_thread")

@@ -16,7 +16,16 @@ import torch
 
 from mmrec.cli import main as mmrec
 from tests.llm_helpers import write_sids
-from tests.test_ddp import CONF, ROOT, assert_publishes_the_same, assert_same_tensor_names, make_run, run_ddp
+from tests.test_ddp import (
+    CONF,
+    FINETUNE,
+    FSDP,
+    LLM_HEADS,
+    assert_publishes_the_same,
+    assert_same_tensor_names,
+    make_run,
+    run_ddp,
+)
 from tests.test_resume_kill import evaluate
 
 pytestmark = [
@@ -24,31 +33,25 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
 ]
 
-HEADS = {"fusion": "fit-recommender.yaml", "generative": "fit-recommender-generative.yaml"}
-FSDP = ["--config", str(ROOT / "configs" / "strategies" / "fit-recommender-fsdp.yaml")]
-FINETUNE = {  # LoRA under FSDP: a frozen backbone beside trained adapters in one shard (use_orig_params)
-    "full": ["--model.backbone.finetune", "full"],
-    "lora": ["--model.backbone.finetune", "lora"],
-}
 # validation every 2 of the 4 steps: a best checkpoint exists, so validate-after-fit loads it through FSDP
 VALIDATE = ["--trainer.val_check_interval", "2"]
 
 
 def fit_on_gpus(run: Path, head: str, devices: int, *args: str) -> None:
     write_sids(run, suffix=True)  # unique SIDs, which the generative head needs
-    run_ddp("fit-recommender", run, "--config", str(CONF / HEADS[head]), "--trainer.accelerator", "gpu",
+    run_ddp("fit-recommender", run, "--config", str(CONF / LLM_HEADS[head][0]), "--trainer.accelerator", "gpu",
             "--trainer.devices", str(devices), *VALIDATE, *args)
 
 
-
 @pytest.mark.parametrize("finetune", list(FINETUNE))
-@pytest.mark.parametrize("head", list(HEADS))
+@pytest.mark.parametrize("head", list(LLM_HEADS))
 def test_fsdp_on_two_gpus_publishes_what_one_gpu_publishes(head: str, finetune: str, tmp_path: Path) -> None:
     single, sharded = make_run(tmp_path / "single"), make_run(tmp_path / "fsdp")
     fit_on_gpus(single, head, 1, *FINETUNE[finetune])
     fit_on_gpus(sharded, head, 2, *FSDP, *FINETUNE[finetune])
-    assert_publishes_the_same(single / "fit-recommender", sharded / "fit-recommender")
-    assert_same_tensor_names(single / "fit-recommender", sharded / "fit-recommender")
+    folder = LLM_HEADS[head][1]
+    assert_publishes_the_same(single / folder, sharded / folder)
+    assert_same_tensor_names(single / folder, sharded / folder)
     metrics = evaluate(sharded, head)
     assert 0 <= metrics["ndcg@10"] <= 1 and 0 <= metrics["recall@10"] <= 1
 
@@ -66,7 +69,7 @@ def test_lightnings_own_fsdp_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     """Lightning's FSDPStrategy cannot validate after fit (see mmrec.stages.fsdp): refused before any work."""
     run = make_run(tmp_path / "run")
     write_sids(run, suffix=True)
-    args = ["fit-recommender", "--run_dir", str(run), "--config", str(CONF / HEADS["fusion"]), "--trainer.accelerator", "gpu",
+    args = ["fit-recommender", "--run_dir", str(run), "--config", str(CONF / LLM_HEADS["fusion"][0]), "--trainer.accelerator", "gpu",
             "--trainer.devices", "2", "--trainer.strategy", "fsdp"]
     assert mmrec(args) == 2
     lines = capsys.readouterr().err.strip().splitlines()
