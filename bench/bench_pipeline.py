@@ -6,11 +6,13 @@ On one GPU, Amazon Beauty (configs/beauty), the data where this repository's con
 
 Stages, in order (``--stages`` picks some, ``--skip`` leaves some out, e.g. to finish a pipeline a failure
 stopped halfway): prepare, fit-collab, fit-quantizer, assign-sids, fit-recommender, test-fusion,
-fit-recommender-generative, test-generative, test-sasrec, test-popularity. Each runs in its own process
-(``common.mmrec``), so its wall time includes start-up and loading. A failing stage is recorded and the
+fit-recommender-generative, test-generative, test-sasrec, test-popularity. Each runs in its own process,
+started as ``mmrec pipeline`` starts it (:mod:`mmrec.pipeline.runner`: on Linux a fork of this process, which
+imports each stage's modules once; ``--fork false``: a fresh interpreter each, as by hand), so its wall time
+includes start-up and loading. A failing stage is recorded and the
 benchmark goes on; later stages that need its output then fail too, and say so in the table.
 
-Before the stages it measures the GPU's bf16 matrix-product rate (8192^3, median of five), which the MFU
+After the stages it measures the GPU's bf16 matrix-product rate (8192^3, median of five), which the MFU
 of the LLM stages is relative to: tokens/s x FLOP per token / that rate, where FLOP per token is 6 x the
 backbone's parameters when it is fine-tuned in full and 4 x when it is frozen or trained through LoRA
 (forward and the backward through activations, no weight gradients). Parameters come from the stage's
@@ -26,13 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
-import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from common import RESULTS, ROOT, append_section, git_commit, machine, matmul_tflops, mfu, mmrec, read_json_if_any
+from common import RESULTS, ROOT, append_section, git_commit, machine, matmul_tflops, mfu, read_json_if_any
+
+from mmrec.pipeline.runner import run_stage as run_stage_process
 
 STAGES = (
     "prepare", "fit-collab", "fit-quantizer", "assign-sids", "fit-recommender", "test-fusion",
@@ -137,22 +141,18 @@ def test_figures(result: StageResult, run_dir: Path) -> None:
     result.eval_seconds = document.get("eval_seconds")
 
 
-def run_stage(stage: str, command: list[str], run_dir: Path, matmul: float | None) -> StageResult:
+def run_stage(stage: str, command: list[str], run_dir: Path, fork: bool) -> StageResult:
+    """One stage as ``mmrec pipeline`` starts it (``fork``: a fork of this process, else a fresh interpreter)."""
     result = StageResult(stage, command)
+    print("+ mmrec", shlex.join(command), flush=True)
     start = time.perf_counter()
-    try:
-        mmrec(*command)
-        result.ok = True
-    except subprocess.CalledProcessError as exc:
-        result.error = f"exit code {exc.returncode}"
-    except OSError as exc:
-        result.error = f"{type(exc).__name__}: {exc}"
+    outcome = run_stage_process(command, verbose=False, fork=fork)
     result.wall_s = time.perf_counter() - start
-    if result.ok:
-        if stage in TRAINING:
-            training_figures(result, run_dir, matmul)
-        elif stage.startswith("test-"):
-            test_figures(result, run_dir)
+    result.ok = outcome.returncode == 0
+    if not result.ok:
+        result.error = f"exit code {outcome.returncode}: {outcome.last_error_line}"
+    elif stage.startswith("test-"):
+        test_figures(result, run_dir)
     print(f"bench_pipeline: {stage}: {'ok' if result.ok else result.error} in {result.wall_s:.1f} s", flush=True)
     return result
 
@@ -170,6 +170,9 @@ def markdown(args: argparse.Namespace, results: list[StageResult], matmul_note: 
         (f"- configs: {args.configs}/*.yaml; data: {args.data_dir or 'as the configs say'}; "
          f"text model: {args.text_model or 'as the config says'}; backbone: {args.backbone or 'as the configs say'}"),
         f"- overrides: {overrides}",
+        ("- stages started as `mmrec pipeline` starts them: forks of the benchmark's process, which imports each stage's "
+         "modules once (the first stage's wall time includes them)" if args.fork else
+         "- stages started as by hand: a fresh interpreter each (`--fork false`), imports included in every wall time"),
         f"- matrix-product rate: {matmul_note}",
         "",
         ("| stage | status | wall s (command) | fit s | validation s | train s | tokens/s (whole run) | tokens/s (steady) "
@@ -229,21 +232,29 @@ def main() -> None:
     parser.add_argument("--stages", help="comma-separated stages to run (default: all, in pipeline order)")
     parser.add_argument("--skip", default="", help="comma-separated stages to leave out")
     parser.add_argument("--override", action="append", default=[], help="STAGE=ARGS, extra options for one stage (repeatable)")
+    parser.add_argument("--fork", type=lambda text: text.lower() == "true", default=True, metavar="{true,false}",
+                        help="start stages as `mmrec pipeline` does on Linux, forks of this process that has imported the "
+                             "stack once (default); false: a fresh interpreter each, as by hand")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the section is appended to")
     parser.add_argument("--json", type=Path, help="JSON file of all figures (default: --results with .json)")
     args = parser.parse_args()
     args.run_dir = args.run_dir.resolve()
+    os.chdir(ROOT)  # the configs' relative paths, as the stages' commands name them
     args.overrides = parse_overrides(args.override)
     skip = set(stage_list(args.skip, ()))
     chosen = [stage for stage in STAGES if stage in stage_list(args.stages, STAGES) and stage not in skip]
 
+    table = commands(args)
+    start = time.perf_counter()
+    results = [run_stage(stage, table[stage], args.run_dir, args.fork) for stage in chosen]
+    total_s = time.perf_counter() - start
+    # measured after the stages: CUDA initialised in this process would make every stage a fresh interpreter
     matmul = matmul_tflops()
     matmul_note = "no GPU: MFU not computed" if matmul is None else f"bf16 8192^3 matmul, median of 5: {matmul:.0f} TFLOP/s"
     print(f"bench_pipeline: {matmul_note}", flush=True)
-    table = commands(args)
-    start = time.perf_counter()
-    results = [run_stage(stage, table[stage], args.run_dir, matmul) for stage in chosen]
-    total_s = time.perf_counter() - start
+    for result in results:
+        if result.ok and result.stage in TRAINING:
+            training_figures(result, args.run_dir, matmul)
 
     append_section(args.results, markdown(args, results, matmul_note, total_s))
     json_path = args.json or args.results.with_suffix(".json")

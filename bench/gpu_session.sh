@@ -17,7 +17,9 @@
 #                   run a GPU (GPU 1, and GPU 0 once the pipeline is done), each `--trainer.max_time null` (early
 #                   stopping ends it: a shared GPU would otherwise cut it short), then bench/bench_seeds.py's
 #                   mean ± std and `mmrec compare` against SASRec's seeds. VAL_VARIANTS (default none) queue
-#                   behind them, one seed (42) each on the validation split: the next configuration's choice. Issue 16's comparison: NEW_ITEMS=0.05
+#                   behind them (VAL_FIRST=1: ahead), one seed (42) each on the validation split: the next configuration's
+#                   choice. SEEDS_INPUTS=DIR (prepare, fit-collab, assign-sids of an earlier session, the inputs.tgz it
+#                   left in OUT) runs the variants on those, not on this session's pipeline. Issue 16's comparison: NEW_ITEMS=0.05
 #                   (prepare's split.new_items in the pipeline), SLICES=1 (`mmrec test --slices true`), RUN=runs/beauty-new,
 #                   VARIANTS="cold-start cold-start-prefix-ngram cold-start-all-bigrams cold-start-full-tuple"
 #                   (PIPELINE_SKIP=fit-recommender,test-fusion,... leaves stages out of the pipeline: there only
@@ -114,6 +116,7 @@ if phase seeds; then
     [distill]=""
     [no-distill]="--config configs/beauty/fit-recommender-no-distill.yaml"
     [random-backbone]="--model.backbone.weights random"
+    [random-backbone-20]="--model.backbone.weights random|--trainer.max_epochs 20"
     [lora]="--model.backbone.finetune lora|--model.backbone.dtype bfloat16|--model.lora_lr 1e-3"
     [no-code-embeddings]="--model.sid_modalities []"
     [random-code-init]="--config configs/beauty/fit-recommender-random-init.yaml"
@@ -134,8 +137,9 @@ if phase seeds; then
   )
   TEST_OPTIONS=(${SLICES:+--test_option "--slices true"})
   VARIANTS=${VARIANTS:-distill no-distill}
-  wait_for "$RUN/prepare/manifest.json"
-  mkdir -p runs/seeds-inputs/sasrec && cp -r "$RUN/prepare" runs/seeds-inputs/sasrec/
+  INPUTS=${SEEDS_INPUTS:-$RUN}  # SEEDS_INPUTS: an earlier session's inputs (rows comparable with its rows)
+  wait_for "$INPUTS/prepare/manifest.json"
+  mkdir -p runs/seeds-inputs/sasrec && cp -r "$INPUTS/prepare" runs/seeds-inputs/sasrec/
   stamp "seeds: SASRec on GPU 1"
   SASREC_JOBS=()
   for seed in $SEEDS; do
@@ -149,13 +153,13 @@ if phase seeds; then
   python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
     --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test \
     --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
-  wait_for_sids
-  mkdir -p runs/seeds-inputs/llm && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" runs/seeds-inputs/llm/
+  [ -n "${SEEDS_INPUTS:-}" ] || wait_for_sids
+  mkdir -p runs/seeds-inputs/llm && cp -r "$INPUTS/prepare" "$INPUTS/fit-collab" "$INPUTS/assign-sids" runs/seeds-inputs/llm/
   # the inputs every fusion variant reads, kept so that a later session runs its variants on the very same
-  # SASRec and SIDs (RUN=<them unpacked> PHASES=seeds, no pipeline)
-  tar -czf "$OUT/inputs.tgz" -C runs/seeds-inputs/llm prepare fit-collab assign-sids
+  # SASRec and SIDs (SEEDS_INPUTS=<them unpacked>)
+  [ -n "${SEEDS_INPUTS:-}" ] || tar -czf "$OUT/inputs.tgz" -C runs/seeds-inputs/llm prepare fit-collab assign-sids
   if [[ " $VARIANTS " == *" mse-quantizer "* ]]; then  # the quantizer ablation: its own SIDs, MSE reconstruction
-    MSE=runs/seeds-inputs/llm-mse && mkdir -p "$MSE" && cp -r "$RUN/prepare" "$RUN/fit-collab" "$MSE/"
+    MSE=runs/seeds-inputs/llm-mse && mkdir -p "$MSE" && cp -r "$INPUTS/prepare" "$INPUTS/fit-collab" "$MSE/"
     CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli fit-quantizer --config configs/beauty/fit-quantizer.yaml --run_dir "$MSE" \
       --model.recon_loss mse --trainer.enable_progress_bar false >"$OUT/seeds-mse-quantizer.log" 2>&1 &&
     CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli assign-sids --config configs/beauty/assign-sids.yaml --run_dir "$MSE" \
@@ -176,8 +180,9 @@ if phase seeds; then
   # variants, each summarised as soon as its seeds are done
   JOBS=() TEST_JOBS=()
   for variant in $VARIANTS; do for seed in $SEEDS; do TEST_JOBS+=("$variant@$seed@test"); done; done
-  JOBS=("${TEST_JOBS[@]}")
-  for variant in ${VAL_VARIANTS:-}; do JOBS+=("$variant@42@valid"); done
+  VAL_JOBS=()
+  for variant in ${VAL_VARIANTS:-}; do VAL_JOBS+=("$variant@42@valid"); done
+  if [ -n "${VAL_FIRST:-}" ]; then JOBS=("${VAL_JOBS[@]}" "${TEST_JOBS[@]}"); else JOBS=("${TEST_JOBS[@]}" "${VAL_JOBS[@]}"); fi
   next_job() { local job; for job in "${JOBS[@]}"; do mkdir "$QUEUE/$job" 2>/dev/null && { echo "$job"; return; }; done; }
   fusion_job() {  # GPU VARIANT@SEED@SPLIT: one seed of one variant, scored on SPLIT
     local gpu=$1 variant seed split args

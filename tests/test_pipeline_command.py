@@ -3,26 +3,20 @@ nothing, one changed fit-recommender override that re-runs only it and the test 
 --until, and a failing stage that stops the pipeline with one line. The tests share one run directory and
 build on each other, in file order.
 
-Stages run in this process here (the pipeline's runner is swapped for ``mmrec.cli.main``) so that the
-stack is imported once; the failing-stage test keeps the real runner, which starts a process per stage.
+Stages run as the runner starts them on Linux: forks of this process, which has the stack imported already.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
-import mmrec.stages.pipeline as pipeline_stage
 from mmrec import cli
 from mmrec.logs import quiet_third_party
-from mmrec.pipeline.runner import Outcome
 
 CONF = Path(__file__).resolve().parent / "conf"
 
@@ -44,16 +38,6 @@ def write_pipeline(folder: Path, recommender_args: dict | None = None, extra: di
     return path
 
 
-def in_process(argv: list[str], verbose: bool) -> Outcome:
-    """The runner's contract, in this process: run the stage, report its exit code and last stderr line."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        code = cli.main(argv)
-    sys.stderr.write(err.getvalue())
-    lines = err.getvalue().strip().splitlines()
-    return Outcome(code, lines[-1] if lines else "")
-
-
 def snapshot(run: Path) -> dict[str, tuple[int, int]]:
     """Every file of a run directory with its size and modification time."""
     return {str(p.relative_to(run)): (p.stat().st_size, p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
@@ -68,12 +52,6 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("pipeline")
 
 
-@pytest.fixture
-def stages_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline_stage, "run_stage", in_process)
-
-
-@pytest.mark.usefixtures("stages_in_process")
 def test_second_run_is_up_to_date_and_touches_nothing(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_pipeline(workdir)
     assert cli.main(["pipeline", "--config", str(config)]) == 0
@@ -92,14 +70,12 @@ def test_second_run_is_up_to_date_and_touches_nothing(workdir: Path, capsys: pyt
     assert snapshot(workdir / "run") == before
 
 
-@pytest.mark.usefixtures("stages_in_process")
 def test_changed_override_reruns_only_the_recommender_and_its_test(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_pipeline(workdir, recommender_args={"model.proj_dim": 8})
     assert cli.main(["pipeline", "--config", str(config)]) == 0
     assert ran(capsys.readouterr().out) == ["fit-recommender", "test/fusion"]
 
 
-@pytest.mark.usefixtures("stages_in_process")
 def test_force_reruns_what_reads_the_step_and_until_stops(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = write_pipeline(workdir, recommender_args={"model.proj_dim": 8})
     assert cli.main(["pipeline", "--config", str(config), "--force", "assign-sids", "--until", "fit-recommender"]) == 0

@@ -1,7 +1,7 @@
 """``mmrec pipeline``: run the stages one YAML names, in order, skipping those already up to date.
 
-Wiring only. Each step runs as its own ``mmrec <stage>`` command (:mod:`mmrec.pipeline.runner` says why
-a process each), so it writes the same artifacts and manifests as by hand. A step whose command, config
+Wiring only. Each step runs as its own ``mmrec <stage>`` process (:mod:`mmrec.pipeline.runner` says why
+a process each, and why a fork of this one), so it writes the same artifacts and manifests as by hand. A step whose command, config
 files and inputs are unchanged since the pipeline last ran it is skipped with "<step>: up to date"
 (:mod:`mmrec.pipeline.state`); a failing step stops the pipeline with its one-line error and leaves every
 finished stage folder as it was. The run ends with one table of every model the pipeline tested.
@@ -30,6 +30,7 @@ def pipeline(
     force: list[str] | None = None,
     until: str | None = None,
     verbose: bool = False,
+    fork: bool = True,
 ) -> None:
     """Run the named stages in order; those already up to date are skipped.
 
@@ -40,6 +41,8 @@ def pipeline(
             reads them runs again too.
         until: stop after this step (or the last step of this group).
         verbose: show every library message (sets MMREC_VERBOSE=1 for the stages).
+        fork: start each stage as a fork of this process, which imports the stage modules once (Linux; see
+            :mod:`mmrec.pipeline.runner`); false: a fresh interpreter per stage, as by hand.
     """
     steps = expand(stages, run_dir, list(STAGES))
     forced = select(steps, force or [], "--force")
@@ -55,7 +58,7 @@ def pipeline(
             print(f"{step.name}: up to date", flush=True)
             continue
         print(f"{step.name}: running ({reason}): mmrec {' '.join(step.argv)}", flush=True)
-        outcome = run_stage(list(step.argv), verbose)
+        outcome = run_stage(list(step.argv), verbose, fork)
         if outcome.returncode != 0:
             raise InputError(f"{step.name}: {failure(step, outcome)}")
         state.record(step, before)
@@ -102,4 +105,4 @@ def main(argv: list[str]) -> None:
     parser = build_parser()
     config = parse_or_refuse(parser, argv, "pipeline")
     init = parser.instantiate_classes(config)
-    pipeline(init.stages, init.run_dir, init.force, init.until, init.verbose)
+    pipeline(init.stages, init.run_dir, init.force, init.until, init.verbose, init.fork)
