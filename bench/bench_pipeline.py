@@ -7,8 +7,8 @@ On one GPU, Amazon Beauty (configs/beauty), the data where this repository's con
 Stages, in order (``--stages`` picks some, ``--skip`` leaves some out, e.g. to finish a pipeline a failure
 stopped halfway): prepare, fit-collab, fit-quantizer, assign-sids, fit-recommender, test-fusion,
 fit-recommender-generative, test-generative, test-sasrec, test-popularity. Each runs in its own process,
-started as ``mmrec pipeline`` starts it (:mod:`mmrec.pipeline.runner`: on Linux a fork of this process, which
-imports each stage's modules once; ``--fork false``: a fresh interpreter each, as by hand), so its wall time
+started as ``mmrec pipeline`` starts it (:mod:`mmrec.pipeline.runner`: on Linux a child of a fork server that
+imports the stage modules once; ``--fork false``: a fresh interpreter each, as by hand), so its wall time
 includes start-up and loading. A failing stage is recorded and the
 benchmark goes on; later stages that need its output then fail too, and say so in the table.
 
@@ -170,8 +170,8 @@ def markdown(args: argparse.Namespace, results: list[StageResult], matmul_note: 
         (f"- configs: {args.configs}/*.yaml; data: {args.data_dir or 'as the configs say'}; "
          f"text model: {args.text_model or 'as the config says'}; backbone: {args.backbone or 'as the configs say'}"),
         f"- overrides: {overrides}",
-        ("- stages started as `mmrec pipeline` starts them: forks of the benchmark's process, which imports each stage's "
-         "modules once (the first stage's wall time includes them)" if args.fork else
+        ("- stages started as `mmrec pipeline` starts them: children of a fork server that imports the stage modules "
+         "once (the first stage's wall time includes that)" if args.fork else
          "- stages started as by hand: a fresh interpreter each (`--fork false`), imports included in every wall time"),
         f"- matrix-product rate: {matmul_note}",
         "",
@@ -233,7 +233,7 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated stages to leave out")
     parser.add_argument("--override", action="append", default=[], help="STAGE=ARGS, extra options for one stage (repeatable)")
     parser.add_argument("--fork", type=lambda text: text.lower() == "true", default=True, metavar="{true,false}",
-                        help="start stages as `mmrec pipeline` does on Linux, forks of this process that has imported the "
+                        help="start stages as `mmrec pipeline` does on Linux, from a fork server that has imported the "
                              "stack once (default); false: a fresh interpreter each, as by hand")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the section is appended to")
     parser.add_argument("--json", type=Path, help="JSON file of all figures (default: --results with .json)")
@@ -248,7 +248,7 @@ def main() -> None:
     start = time.perf_counter()
     results = [run_stage(stage, table[stage], args.run_dir, args.fork) for stage in chosen]
     total_s = time.perf_counter() - start
-    # measured after the stages: CUDA initialised in this process would make every stage a fresh interpreter
+    # measured after the stages: this process's own CUDA context never shares the GPU with a stage
     matmul = matmul_tflops()
     matmul_note = "no GPU: MFU not computed" if matmul is None else f"bf16 8192^3 matmul, median of 5: {matmul:.0f} TFLOP/s"
     print(f"bench_pipeline: {matmul_note}", flush=True)

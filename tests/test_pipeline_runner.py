@@ -1,10 +1,11 @@
-"""The pipeline's stage runner (:mod:`mmrec.pipeline.runner`): a fork of the driver and a fresh interpreter
-end a stage the same way; a forked stage under DDP starts its other rank as ``python -m mmrec.cli <stage>``
-whatever the driver's own command line (here pytest's); the driver falls back to a fresh interpreter once
-CUDA is initialised in it, and where it runs with ``--verbose``."""
+"""The pipeline's stage runner (:mod:`mmrec.pipeline.runner`): a child of the fork server and a fresh interpreter
+end a stage the same way; a stage shares no runtime state with the driver; a forked stage runs its DDP ranks as
+``python -m mmrec.cli <stage>`` whatever the driver's own command line (here pytest's); the driver starts a
+fresh interpreter where asked, with ``--verbose``, and where a fork cannot reach the GPUs."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from mmrec.pipeline import runner
 from tests.fixtures import make_prepared_run
 
 CONF = Path(__file__).resolve().parent / "conf"
+TIMEOUT_S = 180
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stages fork on Linux only")
 
 
@@ -28,33 +30,47 @@ def test_a_fork_and_a_fresh_interpreter_end_a_failing_stage_alike(tmp_path: Path
     assert "mmrec test: error" not in capfd.readouterr().err  # the last line is the driver's to report, not echoed
 
 
-@pytest.mark.usefixtures("single_thread")
+def test_a_stage_shares_no_runtime_state_with_the_driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stage comes from the fork server, not from a fork of this process, so nothing this process did
+    reaches it (here a patched stage; in a full test session, a fork of pytest once hung in its first parallel
+    op, in OpenMP state it had inherited)."""
+    import mmrec.stages.test as test_stage
+
+    monkeypatch.setattr(test_stage, "main", lambda argv: sys.exit(7))
+    outcome = runner.run_stage(["test", "--run_dir", str(tmp_path / "missing"), "--model", "sasrec"], False)
+    assert outcome.returncode == 2 and "no manifest" in outcome.last_error_line  # the real stage, not 7
+
+
 def test_a_forked_stage_runs_its_ddp_ranks_as_the_stage_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Lightning's launcher re-executes ``__main__`` with ``sys.argv``: pytest's here, unless the child
-    presents itself as ``mmrec.cli``; with pytest's, rank 1 would run the test session and never join."""
+    """Lightning's launcher re-executes ``__main__`` with ``sys.argv``: pytest's here, unless the child presents
+    itself as ``mmrec.cli``; with pytest's, rank 1 would run a test session and never join."""
     run = make_prepared_run(tmp_path / "run")
     monkeypatch.setattr(sys, "argv", ["pytest", "--not-a-stage-option"])
-    outcome = runner.run_stage(["fit-collab", "--config", str(CONF / "fit-collab.yaml"), "--run_dir", str(run),
-                                "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"], False)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the forked stage hung"))
+    signal.alarm(TIMEOUT_S)
+    try:
+        outcome = runner.run_stage(["fit-collab", "--config", str(CONF / "fit-collab.yaml"), "--run_dir", str(run),
+                                    "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"], False)
+    finally:
+        signal.alarm(0)
     assert outcome.returncode == 0, outcome
     assert Manifest.read(run / "fit-collab").stage == "fit-collab"
     assert sys.argv == ["pytest", "--not-a-stage-option"]  # the driver's own state is untouched
 
 
-@pytest.mark.parametrize("reason", ["cuda initialised here", "no cuda in a fork", "verbose", "asked"])
+@pytest.mark.parametrize("reason", ["no cuda in a fork", "verbose", "asked"])
 def test_the_driver_starts_a_fresh_interpreter_where_a_fork_cannot_serve(reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[str] = []
     monkeypatch.setattr(runner, "_run_interpreter", lambda argv, verbose: started.append("interpreter") or runner.Outcome(0, ""))
-    monkeypatch.setattr(runner, "_run_fork", lambda argv: started.append("fork") or runner.Outcome(0, ""))
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: reason == "cuda initialised here")
+    monkeypatch.setattr(runner, "_run_forked", lambda argv: started.append("fork") or runner.Outcome(0, ""))
     monkeypatch.setattr(runner, "forks_reach_cuda", lambda: reason != "no cuda in a fork")
     runner.run_stage(["test", "--help"], verbose=reason == "verbose", fork=reason != "asked")
     runner.run_stage(["test", "--help"], verbose=False)
-    assert started == ["interpreter", "fork" if reason in ("verbose", "asked") else "interpreter"]
+    assert started == ["interpreter", "interpreter" if reason == "no cuda in a fork" else "fork"]
 
 
 def test_a_fork_that_cannot_reach_the_gpus_is_found_by_a_probe(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A driver that sees GPUs asks a throwaway fork to use one; this CPU build cannot, so the probe says no."""
+    """A driver that sees GPUs asks a throwaway child to use one; this CPU build cannot, so the probe says no."""
     runner.forks_reach_cuda.cache_clear()
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     try:

@@ -6,26 +6,31 @@ process it would be ``mmrec pipeline``, and each rank would run the whole pipeli
 compiled graphs, seeds and global Lightning/warnings state end with it, so every stage runs exactly as
 its command does by hand; and a crash (out of memory, a segfault) ends one stage, not the driver.
 
-On Linux the child is a fork of this process after :func:`preload` has imported the stage's module (torch,
-Lightning, transformers and mmrec's own, once for all stages), so a stage starts without paying those
-imports each time: some 10-15 s a stage on a GPU host, where importing a CUDA build of torch is slow, two
-minutes over the Beauty pipeline. Nothing else is shared: the driver never initialises CUDA, seeds a
-generator or builds a model, and the child presents itself as ``python -m mmrec.cli <stage> ...`` (its
-``sys.argv`` and ``__main__``), which is the command Lightning's DDP launcher re-executes for the other
-ranks. Elsewhere (no ``fork``), with ``--verbose`` (a fresh interpreter, no filter the driver installed),
-once CUDA is initialised here, or where a throwaway fork finds it cannot use the GPUs, each stage starts a
-new interpreter instead.
+On Linux the child comes from a fork server (the standard library's ``forkserver``): a fresh interpreter,
+started once, imports the stage modules (torch, Lightning, transformers and mmrec's own) and forks each
+stage from there, so a stage starts without paying those imports each time: some 10-15 s a stage on a GPU
+host, where importing a CUDA build of torch is slow, two minutes over the Beauty pipeline. Not a fork of
+this process: a process that has run OpenMP work (a test session, a notebook) cannot be forked safely, and
+the server has run nothing but imports, never a device, a seed or a model. The child takes this process's
+working directory, environment, stdout and stderr, and presents itself as ``python -m mmrec.cli <stage> ...``
+(its ``sys.argv`` and ``__main__``), the command Lightning's DDP launcher re-executes for the other ranks.
+Elsewhere (no ``forkserver``), with ``--verbose`` (a fresh interpreter, no filter installed beforehand), or
+where a throwaway child finds it cannot use the GPUs, each stage starts a new interpreter instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import multiprocessing
 import os
 import subprocess
 import sys
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from typing import IO
 
 from mmrec.logs import VERBOSE_ENV
@@ -39,36 +44,32 @@ class Outcome:
     last_error_line: str
 
 
-def preload(stage: str) -> bool:
-    """Import the module of ``stage`` (an ``mmrec.cli.STAGES`` name) here, where every later fork finds it
-    loaded; False where it cannot be imported (the stage's own process then reports why). Importing touches
-    no device: CUDA stays uninitialised, so a fork may use it."""
+def forks() -> bool:
+    """Whether stages start from the fork server: on Linux (elsewhere ``fork`` is missing or unsafe)."""
+    return sys.platform.startswith("linux")
+
+
+@functools.cache
+def fork_server() -> multiprocessing.context.BaseContext:
+    """The ``forkserver`` context whose server imports every stage's module once, when the first stage starts."""
     from mmrec.cli import STAGES
 
-    try:
-        importlib.import_module(STAGES[stage][0])
-    except (ImportError, KeyError):
-        return False
-    return True
-
-
-def forks() -> bool:
-    """Whether stages start as forks of this process: on Linux, while CUDA is not initialised here (a forked
-    child cannot use a CUDA context its parent created)."""
-    torch = sys.modules.get("torch")
-    return sys.platform.startswith("linux") and not (torch is not None and torch.cuda.is_initialized())
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([module for module, _ in STAGES.values()])
+    return context
 
 
 @functools.cache
 def forks_reach_cuda() -> bool:
-    """Whether a fork of this process can use the GPUs, asked once of a throwaway fork after the first stage
-    module is imported (True where there is no GPU). Importing should leave the CUDA driver untouched, but
-    one library calling the CUDA runtime at import would leave every forked stage with "initialization error";
-    then each stage gets a fresh interpreter instead, and the pipeline only loses the saved imports."""
-    torch = sys.modules.get("torch")
-    if torch is None or torch.cuda.device_count() == 0:  # NVML's count: it does not initialise CUDA here
+    """Whether a child of the fork server can use the GPUs, asked once of a throwaway child (True where there is
+    no GPU). Importing should leave the CUDA driver untouched, but one library calling the CUDA runtime at
+    import would leave every forked stage with "initialization error"; then each stage gets a fresh
+    interpreter instead, and the pipeline only loses the saved imports."""
+    import torch
+
+    if torch.cuda.device_count() == 0:  # NVML's count: it does not initialise CUDA here
         return True
-    probe = multiprocessing.get_context("fork").Process(target=_touch_cuda, name="mmrec cuda probe")
+    probe = fork_server().Process(target=_touch_cuda, name="mmrec cuda probe")
     probe.start()
     probe.join()
     return probe.exitcode == 0
@@ -86,10 +87,10 @@ def _touch_cuda() -> None:
 def run_stage(argv: list[str], verbose: bool, fork: bool = True) -> Outcome:
     """Run ``mmrec <argv>``; its stdout passes straight through, its stderr is echoed except for the last
     line when it fails (the pipeline reports that line as its own one-line error). ``fork`` False: a fresh
-    interpreter even where a fork could start it."""
-    if verbose or not fork or not forks() or not preload(argv[0]) or not forks_reach_cuda():
+    interpreter even where the fork server could start it."""
+    if verbose or not fork or not forks() or not forks_reach_cuda():
         return _run_interpreter(argv, verbose)
-    return _run_fork(argv)
+    return _run_forked(argv)
 
 
 def _run_interpreter(argv: list[str], verbose: bool) -> Outcome:
@@ -103,28 +104,48 @@ def _run_interpreter(argv: list[str], verbose: bool) -> Outcome:
     return _outcome(returncode, held)
 
 
-def _run_fork(argv: list[str]) -> Outcome:
+def _run_forked(argv: list[str]) -> Outcome:
     read_fd, write_fd = os.pipe()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()  # or the child would write this process's buffered lines a second time
-    child = multiprocessing.get_context("fork").Process(target=_stage_main, args=(argv, read_fd, write_fd),
-                                                       name=f"mmrec {argv[0]}")
-    child.start()
-    os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as stderr:
-        held = _relay(stderr)
+    # the child's stdout and stderr travel as connections: the fork server passes their descriptors on
+    stdout, stderr = Connection(os.dup(1), readable=False), Connection(write_fd, readable=False)  # as a process inherits them
+    sys.stdout.flush()
+    child = fork_server().Process(target=_stage_main, args=(argv, dict(os.environ), stdout, stderr),
+                                  name=f"mmrec {argv[0]}")
+    try:
+        with _no_main_module():
+            child.start()
+    finally:
+        stdout.close()
+        stderr.close()
+    with os.fdopen(read_fd, "rb") as lines:
+        held = _relay(lines)
     child.join()
     assert child.exitcode is not None
     return _outcome(child.exitcode, held)
 
 
-def _stage_main(argv: list[str], read_fd: int, write_fd: int) -> None:
-    """The forked child: stderr into the driver's pipe, stdout to file descriptor 1 (what a process of its own
-    writes to, even where this interpreter's ``sys.stdout`` was replaced), then the stage as ``mmrec`` runs it."""
-    os.close(read_fd)
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own stream)
+@contextlib.contextmanager
+def _no_main_module() -> Iterator[None]:
+    """Start a child without this process's ``__main__``: multiprocessing would have the child import it again
+    (a script's path, ``pytest``'s, a missing ``<stdin>``), and the stage needs nothing from it."""
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
+def _stage_main(argv: list[str], environ: dict[str, str], stdout: Connection, stderr: Connection) -> None:
+    """The forked child: the driver's environment, stdout and stderr (its pipe), then the stage as ``mmrec``
+    runs it."""
+    os.environ.clear()
+    os.environ.update(environ)
+    for stream, fd in ((stdout, 1), (stderr, 2)):
+        os.dup2(stream.fileno(), fd)
+        stream.close()
+    # the process's own streams for its whole life (no context to close them in), line-buffered
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     cli = importlib.import_module("mmrec.cli")
     sys.modules["__main__"], sys.argv = cli, [cli.__file__, *argv]

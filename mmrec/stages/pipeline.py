@@ -1,8 +1,9 @@
 """``mmrec pipeline``: run the stages one YAML names, in order, skipping those already up to date.
 
 Wiring only. Each step runs as its own ``mmrec <stage>`` process (:mod:`mmrec.pipeline.runner` says why
-a process each, and why a fork of this one), so it writes the same artifacts and manifests as by hand. A step whose command, config
-files and inputs are unchanged since the pipeline last ran it is skipped with "<step>: up to date"
+a process each, and why from a fork server), so it writes the same artifacts and manifests as by hand. A
+step whose command, config files and inputs are unchanged since the pipeline last ran it is skipped with
+"<step>: up to date"
 (:mod:`mmrec.pipeline.state`); a failing step stops the pipeline with its one-line error and leaves every
 finished stage folder as it was. The run ends with one table of every model the pipeline tested.
 """
@@ -41,7 +42,7 @@ def pipeline(
             reads them runs again too.
         until: stop after this step (or the last step of this group).
         verbose: show every library message (sets MMREC_VERBOSE=1 for the stages).
-        fork: start each stage as a fork of this process, which imports the stage modules once (Linux; see
+        fork: start each stage from a fork server that imports the stage modules once (Linux; see
             :mod:`mmrec.pipeline.runner`); false: a fresh interpreter per stage, as by hand.
     """
     steps = expand(stages, run_dir, list(STAGES))
