@@ -70,7 +70,8 @@ def forks_reach_cuda() -> bool:
     if torch.cuda.device_count() == 0:  # NVML's count: it does not initialise CUDA here
         return True
     probe = fork_server().Process(target=_touch_cuda, name="mmrec cuda probe")
-    probe.start()
+    with _no_main_module():
+        probe.start()
     probe.join()
     return probe.exitcode == 0
 
@@ -106,18 +107,19 @@ def _run_interpreter(argv: list[str], verbose: bool) -> Outcome:
 
 def _run_forked(argv: list[str]) -> Outcome:
     read_fd, write_fd = os.pipe()
-    # the child's stdout and stderr travel as connections: the fork server passes their descriptors on
-    stdout, stderr = Connection(os.dup(1), readable=False), Connection(write_fd, readable=False)  # as a process inherits them
+    # this process's stdout and the pipe's writing end, as a child process would inherit them, travel as
+    # connections: the fork server passes their descriptors on
+    stdout, stderr = Connection(os.dup(1), readable=False), Connection(write_fd, readable=False)
     sys.stdout.flush()
     child = fork_server().Process(target=_stage_main, args=(argv, dict(os.environ), stdout, stderr),
                                   name=f"mmrec {argv[0]}")
-    try:
-        with _no_main_module():
-            child.start()
-    finally:
-        stdout.close()
-        stderr.close()
     with os.fdopen(read_fd, "rb") as lines:
+        try:
+            with _no_main_module():
+                child.start()
+        finally:
+            stdout.close()
+            stderr.close()
         held = _relay(lines)
     child.join()
     assert child.exitcode is not None
