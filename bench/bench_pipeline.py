@@ -9,8 +9,8 @@ stopped halfway): prepare, fit-collab, fit-quantizer, assign-sids, fit-recommend
 fit-recommender-generative, test-generative, test-sasrec, test-popularity. Each runs in its own process,
 started as ``mmrec pipeline`` starts it (:mod:`mmrec.pipeline.runner`: on Linux a child of a fork server that
 imports the stage modules once; ``--fork false``: a fresh interpreter each, as by hand), so its wall time
-includes start-up and loading. A failing stage is recorded and the
-benchmark goes on; later stages that need its output then fail too, and say so in the table.
+includes start-up and loading. A failing stage is recorded and the benchmark goes on; later stages that need
+its output then fail too, and say so in the table.
 
 After the stages it measures the GPU's bf16 matrix-product rate (8192^3, median of five), which the MFU
 of the LLM stages is relative to: tokens/s x FLOP per token / that rate, where FLOP per token is 6 x the
@@ -142,7 +142,7 @@ def test_figures(result: StageResult, run_dir: Path) -> None:
 
 
 def run_stage(stage: str, command: list[str], run_dir: Path, fork: bool) -> StageResult:
-    """One stage as ``mmrec pipeline`` starts it (``fork``: a fork of this process, else a fresh interpreter)."""
+    """One stage as ``mmrec pipeline`` starts it (``fork``: from the fork server, else a fresh interpreter)."""
     result = StageResult(stage, command)
     print("+ mmrec", shlex.join(command), flush=True)
     start = time.perf_counter()

@@ -255,9 +255,9 @@ def assert_publishes_the_same(single: Path, distributed: Path) -> None:
 
 
 def assert_same_tensor_names(single: Path, distributed: Path) -> None:
-    """Every safetensors file of a stage folder names the same tensors, and an adapter some (an FSDP export once
-    held an empty adapter, which file names and manifests alone do not show). ``heads.safetensors`` may be
-    empty: the generative head under LoRA trains only the backbone's adapter and its new token rows."""
+    """Every safetensors file of a stage folder names the same tensors, and every one but ``heads.safetensors``
+    some (an FSDP export once held an empty adapter, which file names and manifests alone do not show; the
+    generative head under LoRA has no heads of its own: its adapter holds the trained token rows)."""
     for path in single.rglob("*.safetensors"):
         names = load_file(str(path)).keys()
         assert load_file(str(distributed / path.relative_to(single))).keys() == names, path
