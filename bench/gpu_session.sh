@@ -19,7 +19,9 @@
 #                   mean ± std and `mmrec compare` against SASRec's seeds. VAL_VARIANTS (default none) queue
 #                   behind them (VAL_FIRST=1: ahead), one seed (42) each on the validation split: the next configuration's
 #                   choice. SEEDS_INPUTS=DIR (prepare, fit-collab, assign-sids of an earlier session, the inputs.tgz it
-#                   left in OUT) runs the variants on those, not on this session's pipeline. Issue 16's comparison: NEW_ITEMS=0.05
+#                   left in OUT) runs the variants on those, not on this session's pipeline; SASREC_TESTS=DIR (the
+#                   sasrec-tests.tgz a session left, of SASRec's seeds on those inputs) skips training SASRec again.
+#                   Issue 16's comparison: NEW_ITEMS=0.05
 #                   (prepare's split.new_items in the pipeline), SLICES=1 (`mmrec test --slices true`), RUN=runs/beauty-new,
 #                   VARIANTS="cold-start cold-start-prefix-ngram cold-start-all-bigrams cold-start-full-tuple"
 #                   (PIPELINE_SKIP=fit-recommender,test-fusion,... leaves stages out of the pipeline: there only
@@ -139,20 +141,26 @@ if phase seeds; then
   VARIANTS=${VARIANTS:-distill no-distill}
   INPUTS=${SEEDS_INPUTS:-$RUN}  # SEEDS_INPUTS: an earlier session's inputs (rows comparable with its rows)
   wait_for "$INPUTS/prepare/manifest.json"
-  mkdir -p runs/seeds-inputs/sasrec && cp -r "$INPUTS/prepare" runs/seeds-inputs/sasrec/
-  stamp "seeds: SASRec on GPU 1"
-  SASREC_JOBS=()
-  for seed in $SEEDS; do
-    CUDA_VISIBLE_DEVICES=1 python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab \
-      --config configs/beauty/fit-collab.yaml --override "--data.num_workers 2" --model sasrec --seeds "$seed" \
-      --runs runs/seeds/sasrec --split test --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" \
-      --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-sasrec-$seed.log" 2>&1 &
-    SASREC_JOBS+=($!)
-  done
-  wait "${SASREC_JOBS[@]}"  # not a bare wait: that would also wait for the pipeline
-  python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
-    --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test \
-    --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
+  # SASREC_TESTS=DIR: SASRec's seeds as an earlier session tested them on these same inputs (DIR/seed<N>/test,
+  # the sasrec-tests.tgz it left in OUT), the baseline of every comparison without training SASRec again
+  SASREC=${SASREC_TESTS:-runs/seeds/sasrec}
+  if [ -z "${SASREC_TESTS:-}" ]; then
+    mkdir -p runs/seeds-inputs/sasrec && cp -r "$INPUTS/prepare" runs/seeds-inputs/sasrec/
+    stamp "seeds: SASRec on GPU 1"
+    SASREC_JOBS=()
+    for seed in $SEEDS; do
+      CUDA_VISIBLE_DEVICES=1 python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab \
+        --config configs/beauty/fit-collab.yaml --override "--data.num_workers 2" --model sasrec --seeds "$seed" \
+        --runs runs/seeds/sasrec --split test --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" \
+        --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-sasrec-$seed.log" 2>&1 &
+      SASREC_JOBS+=($!)
+    done
+    wait "${SASREC_JOBS[@]}"  # not a bare wait: that would also wait for the pipeline
+    python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
+      --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test \
+      --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
+    tar -czf "$OUT/sasrec-tests.tgz" -C runs/seeds/sasrec $(for seed in $SEEDS; do echo "seed$seed/test"; done)
+  fi
   [ -n "${SEEDS_INPUTS:-}" ] || wait_for_sids
   mkdir -p runs/seeds-inputs/llm && cp -r "$INPUTS/prepare" "$INPUTS/fit-collab" "$INPUTS/assign-sids" runs/seeds-inputs/llm/
   # the inputs every fusion variant reads, kept so that a later session runs its variants on the very same
@@ -201,7 +209,7 @@ if phase seeds; then
     mapfile -t args < <(variant_args "$variant")
     python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" "${FUSION_OVERRIDES[@]}" \
       --model fusion --seeds $SEEDS --runs "runs/seeds/fusion-$variant" --split test --test_config configs/beauty/test.yaml \
-      "${TEST_OPTIONS[@]}" --baseline_runs $(for seed in $SEEDS; do echo "runs/seeds/sasrec/seed$seed"; done) --baseline_model sasrec \
+      "${TEST_OPTIONS[@]}" --baseline_runs $(for seed in $SEEDS; do echo "$SASREC/seed$seed"; done) --baseline_model sasrec \
       --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-$variant.log" 2>&1
     stamp "seeds: $variant summarised"
   }
