@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,3 +78,21 @@ def test_a_fork_that_cannot_reach_the_gpus_is_found_by_a_probe(monkeypatch: pyte
         assert runner.forks_reach_cuda() is torch.cuda.is_available()
     finally:
         runner.forks_reach_cuda.cache_clear()
+
+
+def test_a_fork_server_that_cannot_start_the_stage_leaves_it_to_a_fresh_interpreter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that died (say, importing a stage module crashed it) fails ``start``: the stage still runs."""
+    class DeadChild:
+        def __init__(self, **kwargs: object) -> None:
+            pass
+
+        def start(self) -> None:
+            raise ConnectionRefusedError("no fork server to connect to")
+
+    monkeypatch.setattr(runner, "fork_server", lambda: SimpleNamespace(Process=DeadChild))
+    monkeypatch.setattr(runner, "forks_reach_cuda", lambda: True)
+    argv = ["test", "--run_dir", str(tmp_path / "missing"), "--model", "sasrec"]
+    outcome = runner.run_stage(argv, verbose=False)
+    assert outcome.returncode == 2 and outcome == runner.run_stage(argv, verbose=False, fork=False)

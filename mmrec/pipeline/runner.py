@@ -14,8 +14,9 @@ this process: a process that has run OpenMP work (a test session, a notebook) ca
 the server has run nothing but imports, never a device, a seed or a model. The child takes this process's
 working directory, environment, stdout and stderr, and presents itself as ``python -m mmrec.cli <stage> ...``
 (its ``sys.argv`` and ``__main__``), the command Lightning's DDP launcher re-executes for the other ranks.
-Elsewhere (no ``forkserver``), with ``--verbose`` (a fresh interpreter, no filter installed beforehand), or
-where a throwaway child finds it cannot use the GPUs, each stage starts a new interpreter instead.
+Elsewhere (no ``forkserver``), with ``--verbose`` (a fresh interpreter, no filter installed beforehand),
+where a throwaway child finds it cannot use the GPUs, or where the server cannot start a child (it failed to
+start, or died), each stage starts a new interpreter instead.
 """
 
 from __future__ import annotations
@@ -70,8 +71,11 @@ def forks_reach_cuda() -> bool:
     if torch.cuda.device_count() == 0:  # NVML's count: it does not initialise CUDA here
         return True
     probe = fork_server().Process(target=_touch_cuda, name="mmrec cuda probe")
-    with _no_main_module():
-        probe.start()
+    try:
+        with _no_main_module():
+            probe.start()
+    except (OSError, EOFError):  # no fork server (it could not start, or died importing): no forks at all
+        return False
     probe.join()
     return probe.exitcode == 0
 
@@ -91,7 +95,8 @@ def run_stage(argv: list[str], verbose: bool, fork: bool = True) -> Outcome:
     interpreter even where the fork server could start it."""
     if verbose or not fork or not forks() or not forks_reach_cuda():
         return _run_interpreter(argv, verbose)
-    return _run_forked(argv)
+    outcome = _run_forked(argv)
+    return _run_interpreter(argv, verbose) if outcome is None else outcome
 
 
 def _run_interpreter(argv: list[str], verbose: bool) -> Outcome:
@@ -105,7 +110,8 @@ def _run_interpreter(argv: list[str], verbose: bool) -> Outcome:
     return _outcome(returncode, held)
 
 
-def _run_forked(argv: list[str]) -> Outcome:
+def _run_forked(argv: list[str]) -> Outcome | None:
+    """The stage as a child of the fork server; None where the server cannot start it (nothing ran)."""
     read_fd, write_fd = os.pipe()
     # this process's stdout and the pipe's writing end, as a child process would inherit them, travel as
     # connections: the fork server passes their descriptors on
@@ -117,6 +123,8 @@ def _run_forked(argv: list[str]) -> Outcome:
         try:
             with _no_main_module():
                 child.start()
+        except (OSError, EOFError):
+            return None
         finally:
             stdout.close()
             stderr.close()
