@@ -65,6 +65,8 @@ FINETUNE = {  # LoRA under FSDP: a frozen backbone beside trained adapters in on
     "lora": ["--model.backbone.finetune", "lora"],
 }
 FSDP = ["--config", str(ROOT / "configs" / "strategies" / "fit-recommender-fsdp.yaml")]
+# validation every 2 of the 4 steps: a best checkpoint exists, so validate-after-fit loads it through FSDP
+VALIDATE = ["--trainer.val_check_interval", "2"]
 STAGES = {  # the chain after fit-collab: stage folder -> (command, config)
     "fit-quantizer": ("fit-quantizer", "fit-quantizer.yaml"),
     "fit-recommender": ("fit-recommender", "fit-recommender.yaml"),
@@ -292,7 +294,7 @@ def test_fsdp_on_two_cpu_processes_publishes_what_one_process_publishes(pipeline
     counts)."""
     run = make_run(tmp_path / "fsdp")
     write_sids(run, suffix=True)
-    run_ddp("fit-recommender", run, "--config", str(CONF / "fit-recommender.yaml"), *FSDP, *DDP[:-2], "--trainer.val_check_interval", "2",
+    run_ddp("fit-recommender", run, "--config", str(CONF / "fit-recommender.yaml"), *FSDP, *DDP[:-2], *VALIDATE,
             "--data.val_users", "33", "--data.eval_batch_size", "16",  # shards of 17 and 16 users: 2 batches and 1 at 16
             module="tests.fsdp_cpu")
     single = pipelines[0] / "fit-recommender"
@@ -313,7 +315,7 @@ def test_fsdp_on_two_cpu_processes_for_each_head_and_finetune(head: str, finetun
     suite runs one of the four (above); ``tests/test_gpu.py`` runs all four on GPUs."""
     config, folder = LLM_HEADS[head]
     single, sharded = make_run(tmp_path / "single"), make_run(tmp_path / "fsdp")
-    options = ["--config", str(CONF / config), "--trainer.val_check_interval", "2", *FINETUNE[finetune]]
+    options = ["--config", str(CONF / config), *VALIDATE, *FINETUNE[finetune]]
     for run in (single, sharded):
         write_sids(run, suffix=True)  # unique SIDs, which the generative head needs
     run_ddp("fit-recommender", single, *options, "--trainer.accelerator", "cpu", "--trainer.devices", "1")

@@ -21,6 +21,7 @@ from tests.test_ddp import (
     FINETUNE,
     FSDP,
     LLM_HEADS,
+    VALIDATE,
     assert_publishes_the_same,
     assert_same_tensor_names,
     make_run,
@@ -32,10 +33,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
 ]
-
-# validation every 2 of the 4 steps: a best checkpoint exists, so validate-after-fit loads it through FSDP
-VALIDATE = ["--trainer.val_check_interval", "2"]
-
 
 def fit_on_gpus(run: Path, head: str, devices: int, *args: str) -> None:
     write_sids(run, suffix=True)  # unique SIDs, which the generative head needs

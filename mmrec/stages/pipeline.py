@@ -3,9 +3,8 @@
 Wiring only. Each step runs as its own ``mmrec <stage>`` process (:mod:`mmrec.pipeline.runner` says why
 a process each, and why from a fork server), so it writes the same artifacts and manifests as by hand. A
 step whose command, config files and inputs are unchanged since the pipeline last ran it is skipped with
-"<step>: up to date"
-(:mod:`mmrec.pipeline.state`); a failing step stops the pipeline with its one-line error and leaves every
-finished stage folder as it was. The run ends with one table of every model the pipeline tested.
+"<step>: up to date" (:mod:`mmrec.pipeline.state`); a failing step stops the pipeline with its one-line error
+and leaves every finished stage folder as it was. The run ends with one table of every model the pipeline tested.
 """
 
 from __future__ import annotations
