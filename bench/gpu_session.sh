@@ -14,7 +14,8 @@
 #                   42 43 44) on GPU 1 once prepare is done, then the fusion head's VARIANTS (default "distill
 #                   no-distill"; the ablations: random-backbone lora no-code-embeddings random-code-init no-collab
 #                   no-text head-only prefix-ngram mse-quantizer) for SEEDS on the pipeline's SASRec and SIDs, one
-#                   run a GPU (GPU 1, and GPU 0 once the pipeline is done), each `--trainer.max_time null` (early
+#                   run a GPU (GPU 1 once SASRec is done, GPU 0 once the pipeline is, any further GPU of an
+#                   nvidia-h200-x4 at once), each `--trainer.max_time null` (early
 #                   stopping ends it: a shared GPU would otherwise cut it short), then bench/bench_seeds.py's
 #                   mean ± std and `mmrec compare` against SASRec's seeds. VAL_VARIANTS (default none) queue
 #                   behind them (VAL_FIRST=1: ahead), one seed (42) each on the validation split: the next configuration's
@@ -30,7 +31,7 @@
 #                   configs/beauty/fit-recommender-generative-long.yaml for SEEDS, test split (issue 14: TIGER);
 #   refinement      (not in the default list) GPU REFINE_GPU (default 1): issue 18's prepare with and without
 #                   SmolLM2-refined titles, text-only SIDs and retrieval (bench/bench_text_refinement.py);
-#   gpu-tests       (not in the default list) both GPUs once the pipeline is done: tests/test_gpu.py (`make test-gpu`:
+#   gpu-tests       (not in the default list) GPUs 0 and 1 once the pipeline is done: tests/test_gpu.py (`make test-gpu`:
 #                   the LLM heads under FSDP and DDP over NCCL);
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase started; OUT/done marks the end.
@@ -45,6 +46,7 @@ set -u
 GGUF=$1 TEXT=$2 DATA=$3 OUT=$4
 PHASES=${PHASES:-ddp-throughput pipeline diagnosis ddp-quality}
 RUN=${RUN:-runs/beauty}
+NGPU=$(nvidia-smi -L | wc -l)
 FUSION=configs/beauty/fit-recommender.yaml
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -84,7 +86,7 @@ if phase gpu-tests; then  # `make test-gpu` (FSDP and DDP over NCCL on 2 GPUs), 
   (
     while [ -n "$pipeline" ] && kill -0 "$pipeline" 2>/dev/null; do sleep 5; done
     stamp "gpu-tests on both GPUs"
-    python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py >"$OUT/gpu-tests.log" 2>&1
+    CUDA_VISIBLE_DEVICES=0,1 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py >"$OUT/gpu-tests.log" 2>&1
     stamp "gpu-tests done (exit $?)"
   ) &
 fi
@@ -140,10 +142,64 @@ if phase seeds; then
   TEST_OPTIONS=(${SLICES:+--test_option "--slices true"})
   VARIANTS=${VARIANTS:-distill no-distill}
   INPUTS=${SEEDS_INPUTS:-$RUN}  # SEEDS_INPUTS: an earlier session's inputs (rows comparable with its rows)
-  wait_for "$INPUTS/prepare/manifest.json"
-  # SASREC_TESTS=DIR: SASRec's seeds as an earlier session tested them on these same inputs (DIR/seed<N>/test,
-  # the sasrec-tests.tgz it left in OUT), the baseline of every comparison without training SASRec again
+  LLM=runs/seeds-inputs/llm MSE=runs/seeds-inputs/llm-mse
+  FUSION_OVERRIDES=(--override "--model.backbone.name_or_path $GGUF" --override "--trainer.max_time null" --override "--data.num_workers 4")
+  variant_args() {  # VARIANT: bench_seeds arguments (its inputs, then its options)
+    local inputs=$LLM option
+    [ "$1" = mse-quantizer ] && inputs=$MSE
+    printf '%s\n' --prepared "$inputs"
+    IFS='|' read -ra options <<<"${VARIANT[$1]}"
+    for option in "${options[@]}"; do printf '%s\n' --override "$option"; done
+  }
+  QUEUE=runs/seeds-queue && rm -rf "$QUEUE" && mkdir -p "$QUEUE"
+  rm -f "$LLM.ready" "$MSE.ready" runs/seeds/sasrec.done
+  # variant by variant (all seeds of one before the next), so that a session cut short still ends with whole
+  # variants, each summarised as soon as its seeds are done
+  JOBS=() TEST_JOBS=()
+  for variant in $VARIANTS; do for seed in $SEEDS; do TEST_JOBS+=("$variant@$seed@test"); done; done
+  VAL_JOBS=()
+  for variant in ${VAL_VARIANTS:-}; do VAL_JOBS+=("$variant@42@valid"); done
+  if [ -n "${VAL_FIRST:-}" ]; then JOBS=("${VAL_JOBS[@]}" "${TEST_JOBS[@]}"); else JOBS=("${TEST_JOBS[@]}" "${VAL_JOBS[@]}"); fi
+  next_job() { local job; for job in "${JOBS[@]}"; do mkdir "$QUEUE/$job" 2>/dev/null && { echo "$job"; return; }; done; }
+  fusion_job() {  # GPU VARIANT@SEED@SPLIT: one seed of one variant, scored on SPLIT, once its inputs are there
+    local gpu=$1 variant seed split args inputs=$LLM
+    IFS=@ read -r variant seed split <<<"$2"
+    [ "$variant" = mse-quantizer ] && inputs=$MSE
+    wait_for "$inputs.ready"
+    mapfile -t args < <(variant_args "$variant")
+    CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" \
+      "${FUSION_OVERRIDES[@]}" --model fusion --seeds "$seed" --runs "runs/seeds/fusion-$variant" --split "$split" \
+      --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS-seeds-single.md" \
+      >"$OUT/seeds-$variant-$seed-$split.log" 2>&1
+    touch "$QUEUE/$2/done"
+  }
+  worker() { local job; while job=$(next_job) && [ -n "$job" ]; do fusion_job "$1" "$job"; done; }
+  # SASRec's seeds: the baseline of every comparison
   SASREC=${SASREC_TESTS:-runs/seeds/sasrec}
+  summarise() {  # VARIANT: mean ± std over SEEDS and mmrec compare against SASRec's seeds, once its test runs are done
+    local variant=$1 seed args
+    for seed in $SEEDS; do wait_for "$QUEUE/$variant@$seed@test/done"; done
+    wait_for runs/seeds/sasrec.done
+    mapfile -t args < <(variant_args "$variant")
+    python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" "${FUSION_OVERRIDES[@]}" \
+      --model fusion --seeds $SEEDS --runs "runs/seeds/fusion-$variant" --split test --test_config configs/beauty/test.yaml \
+      "${TEST_OPTIONS[@]}" --baseline_runs $(for seed in $SEEDS; do echo "$SASREC/seed$seed"; done) --baseline_model sasrec \
+      --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-$variant.log" 2>&1
+    stamp "seeds: $variant summarised"
+  }
+  wait_for "$INPUTS/prepare/manifest.json"
+  (  # the inputs every fusion variant reads, once the pipeline has them; without SEEDS_INPUTS kept in OUT, so
+     # that a later session runs its variants on the very same SASRec and SIDs (SEEDS_INPUTS=<them unpacked>)
+    [ -n "${SEEDS_INPUTS:-}" ] || wait_for_sids
+    mkdir -p "$LLM" && cp -r "$INPUTS/prepare" "$INPUTS/fit-collab" "$INPUTS/assign-sids" "$LLM/" && touch "$LLM.ready"
+    [ -n "${SEEDS_INPUTS:-}" ] || tar -czf "$OUT/inputs.tgz" -C "$LLM" prepare fit-collab assign-sids
+  ) &
+  # one run a GPU: a distilling fusion run peaks at 56-72 GiB, and two of them ran out of memory on one H200.
+  # GPU 0 times the pipeline and GPU 1 trains SASRec first; any further GPU (nvidia-h200-x4) starts at once
+  SUMMARIES=()
+  for variant in $VARIANTS; do summarise "$variant" & SUMMARIES+=($!); done
+  stamp "seeds: the fusion head on $NGPU GPUs, variants: $VARIANTS"
+  for ((gpu = 2; gpu < NGPU; gpu++)); do worker "$gpu" & done
   if [ -z "${SASREC_TESTS:-}" ]; then
     mkdir -p runs/seeds-inputs/sasrec && cp -r "$INPUTS/prepare" runs/seeds-inputs/sasrec/
     stamp "seeds: SASRec on GPU 1"
@@ -161,62 +217,18 @@ if phase seeds; then
       --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
     tar -czf "$OUT/sasrec-tests.tgz" -C runs/seeds/sasrec $(for seed in $SEEDS; do echo "seed$seed/test"; done)
   fi
-  [ -n "${SEEDS_INPUTS:-}" ] || wait_for_sids
-  mkdir -p runs/seeds-inputs/llm && cp -r "$INPUTS/prepare" "$INPUTS/fit-collab" "$INPUTS/assign-sids" runs/seeds-inputs/llm/
-  # the inputs every fusion variant reads, kept so that a later session runs its variants on the very same
-  # SASRec and SIDs (SEEDS_INPUTS=<them unpacked>)
-  [ -n "${SEEDS_INPUTS:-}" ] || tar -czf "$OUT/inputs.tgz" -C runs/seeds-inputs/llm prepare fit-collab assign-sids
+  mkdir -p runs/seeds && touch runs/seeds/sasrec.done
   if [[ " $VARIANTS " == *" mse-quantizer "* ]]; then  # the quantizer ablation: its own SIDs, MSE reconstruction
-    MSE=runs/seeds-inputs/llm-mse && mkdir -p "$MSE" && cp -r "$INPUTS/prepare" "$INPUTS/fit-collab" "$MSE/"
+    wait_for "$LLM.ready"
+    mkdir -p "$MSE" && cp -r "$INPUTS/prepare" "$INPUTS/fit-collab" "$MSE/"
     CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli fit-quantizer --config configs/beauty/fit-quantizer.yaml --run_dir "$MSE" \
       --model.recon_loss mse --trainer.enable_progress_bar false >"$OUT/seeds-mse-quantizer.log" 2>&1 &&
     CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli assign-sids --config configs/beauty/assign-sids.yaml --run_dir "$MSE" \
       >>"$OUT/seeds-mse-quantizer.log" 2>&1
     rm -rf "$MSE/fit-quantizer" "$MSE"/*.work
+    touch "$MSE.ready"  # also after a failure: its runs then fail at once, and the session goes on
   fi
-  stamp "seeds: the fusion head, variants: $VARIANTS"
-  FUSION_OVERRIDES=(--override "--model.backbone.name_or_path $GGUF" --override "--trainer.max_time null" --override "--data.num_workers 4")
-  variant_args() {  # VARIANT: bench_seeds arguments (its inputs, then its options)
-    local inputs=runs/seeds-inputs/llm option
-    [ "$1" = mse-quantizer ] && inputs=runs/seeds-inputs/llm-mse
-    printf '%s\n' --prepared "$inputs"
-    IFS='|' read -ra options <<<"${VARIANT[$1]}"
-    for option in "${options[@]}"; do printf '%s\n' --override "$option"; done
-  }
-  QUEUE=runs/seeds-queue && rm -rf "$QUEUE" && mkdir -p "$QUEUE"
-  # variant by variant (all seeds of one before the next), so that a session cut short still ends with whole
-  # variants, each summarised as soon as its seeds are done
-  JOBS=() TEST_JOBS=()
-  for variant in $VARIANTS; do for seed in $SEEDS; do TEST_JOBS+=("$variant@$seed@test"); done; done
-  VAL_JOBS=()
-  for variant in ${VAL_VARIANTS:-}; do VAL_JOBS+=("$variant@42@valid"); done
-  if [ -n "${VAL_FIRST:-}" ]; then JOBS=("${VAL_JOBS[@]}" "${TEST_JOBS[@]}"); else JOBS=("${TEST_JOBS[@]}" "${VAL_JOBS[@]}"); fi
-  next_job() { local job; for job in "${JOBS[@]}"; do mkdir "$QUEUE/$job" 2>/dev/null && { echo "$job"; return; }; done; }
-  fusion_job() {  # GPU VARIANT@SEED@SPLIT: one seed of one variant, scored on SPLIT
-    local gpu=$1 variant seed split args
-    IFS=@ read -r variant seed split <<<"$2"
-    mapfile -t args < <(variant_args "$variant")
-    CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" \
-      "${FUSION_OVERRIDES[@]}" --model fusion --seeds "$seed" --runs "runs/seeds/fusion-$variant" --split "$split" \
-      --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS-seeds-single.md" \
-      >"$OUT/seeds-$variant-$seed-$split.log" 2>&1
-    touch "$QUEUE/$2/done"
-  }
-  worker() { local job; while job=$(next_job) && [ -n "$job" ]; do fusion_job "$1" "$job"; done; }
-  summarise() {  # VARIANT: mean ± std over SEEDS and mmrec compare against SASRec's seeds, once its test runs are done
-    local variant=$1 seed args
-    for seed in $SEEDS; do wait_for "$QUEUE/$variant@$seed@test/done"; done
-    mapfile -t args < <(variant_args "$variant")
-    python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" "${FUSION_OVERRIDES[@]}" \
-      --model fusion --seeds $SEEDS --runs "runs/seeds/fusion-$variant" --split test --test_config configs/beauty/test.yaml \
-      "${TEST_OPTIONS[@]}" --baseline_runs $(for seed in $SEEDS; do echo "$SASREC/seed$seed"; done) --baseline_model sasrec \
-      --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-$variant.log" 2>&1
-    stamp "seeds: $variant summarised"
-  }
-  # one run a GPU: a distilling fusion run peaks at 60-72 GiB, and two of them ran out of memory on one H200
   worker 1 &
-  SUMMARIES=()
-  for variant in $VARIANTS; do summarise "$variant" & SUMMARIES+=($!); done
   if [ -n "$pipeline" ]; then wait "$pipeline"; fi
   worker 0 &
   wait "${SUMMARIES[@]}"
