@@ -59,6 +59,16 @@ def test_a_forked_stage_runs_its_ddp_ranks_as_the_stage_command(tmp_path: Path, 
     assert sys.argv == ["pytest", "--not-a-stage-option"]  # the driver's own state is untouched
 
 
+def test_a_forked_stage_starts_its_data_loader_workers_as_a_fresh_interpreter_does(tmp_path: Path) -> None:
+    """A child of the fork server inherits its start method, "forkserver", under which a data loader's workers
+    cannot start (its iterator does not pickle); the stage resets it, as Beauty's configs (4 workers) need."""
+    run = make_prepared_run(tmp_path / "run")
+    outcome = runner.run_stage(["fit-collab", "--config", str(CONF / "fit-collab.yaml"), "--run_dir", str(run),
+                                "--trainer.accelerator", "cpu", "--data.num_workers", "2"], False)
+    assert outcome.returncode == 0, outcome
+    assert Manifest.read(run / "fit-collab").stage == "fit-collab"
+
+
 @pytest.mark.parametrize("reason", ["no cuda in a fork", "verbose", "asked"])
 def test_the_driver_starts_a_fresh_interpreter_where_a_fork_cannot_serve(reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[str] = []

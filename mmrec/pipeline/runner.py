@@ -157,6 +157,9 @@ def _stage_main(argv: list[str], environ: dict[str, str], stdout: Connection, st
     # the process's own streams for its whole life (no context to close them in), line-buffered
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    # the start method a fresh interpreter has (a forkserver child inherits "forkserver"): a stage's own
+    # processes, such as its data loader's workers, start as they would under `python -m mmrec.cli`
+    multiprocessing.set_start_method(None, force=True)
     cli = importlib.import_module("mmrec.cli")
     sys.modules["__main__"], sys.argv = cli, [cli.__file__, *argv]
     sys.exit(cli.main(argv))
