@@ -2,7 +2,7 @@
 
 Given a run directory where prepare, fit-collab, fit-quantizer and assign-sids are done, it trains
 ``fit-recommender`` once per variant: ``random`` (fusion head, code embeddings initialised at random: the
-ablation), ``codebook`` (fusion head, MME-SID) and ``generative`` (the generative SID head with
+Beauty config's choice on validation), ``codebook`` (fusion head, MME-SID's codebook initialisation) and ``generative`` (the generative SID head with
 trie-constrained beam search). Each is evaluated with ``mmrec test`` (``--model fusion`` or ``generative``),
 SASRec and popularity the same way, and a Markdown section with Recall/NDCG@5/10/20, MRR, training wall
 time, tokens/s, peak GPU memory, evaluation wall time, users/s and the device is appended to
@@ -96,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run_dir", type=Path, required=True)
     parser.add_argument("--config", default="configs/beauty/fit-recommender.yaml")
-    parser.add_argument("--random_config", default="configs/beauty/fit-recommender-random-init.yaml")
+    parser.add_argument("--codebook_config", default="configs/beauty/fit-recommender-codebook-init.yaml")
     parser.add_argument("--generative_config", default="configs/beauty/fit-recommender-generative.yaml")
     parser.add_argument("--backbone", default=None, help="override model.backbone.name_or_path (e.g. a .gguf path)")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -117,7 +117,7 @@ def main() -> None:
         overrides = ["--model.backbone.name_or_path", args.backbone, *overrides]
 
     results: dict[str, tuple[dict, dict | None]] = {}
-    configs = {"random": [args.config, args.random_config], "codebook": [args.config], "generative": [args.generative_config]}
+    configs = {"random": [args.config], "codebook": [args.config, args.codebook_config], "generative": [args.generative_config]}
     for variant in args.variants:
         label, model = VARIANTS[variant]
         folder = "fit-recommender-generative" if model == "generative" else "fit-recommender"
