@@ -1,43 +1,61 @@
 #!/usr/bin/env bash
-# The unattended GPU session behind the issue-13 and issue-14 figures in bench/RESULTS.md, on a machine with
-# two GPUs (the lent nvidia-h200-x2). Every phase logs to OUT and the session goes on when one fails:
+# The unattended GPU session behind the device figures of bench/RESULTS.md (issues 13, 14, 16 and 18), on a
+# machine with two or four GPUs (the lent nvidia-h200-x2 or -x4). Every phase logs to OUT and the session goes on
+# when one fails:
 #   ddp-throughput  both GPUs: the fusion head's tokens/s on 1 GPU, then under DDP on 2 (plain `--trainer.strategy
-#                   ddp`, configs/strategies/fit-recommender-ddp.yaml, and that with a bf16 gradient all-reduce), SmolLM2-135M's
-#                   shape with random weights, on the run
-#                   folder THROUGHPUT_RUN (prepare, fit-collab, assign-sids; no backbone file needed);
-#   pipeline        GPU 0, alone: the whole Beauty pipeline from the raw files (bench/bench_pipeline.py);
+#                   ddp`, configs/strategies/fit-recommender-ddp.yaml, and that with a bf16 gradient all-reduce),
+#                   SmolLM2-135M's shape with random weights, on the run folder THROUGHPUT_RUN (prepare, fit-collab,
+#                   assign-sids; no backbone file needed);
+#   pipeline        GPU 0, alone: the whole Beauty pipeline from the raw files (bench/bench_pipeline.py) in RUN
+#                   (default runs/beauty);
 #   diagnosis       GPU 1, once the pipeline's assign-sids is done: fusion-head variants, two at a time, scored on
 #                   the validation split only (bench/bench_seeds.py, one seed each, no time cap: exploratory, issue 14);
-#   ddp-quality     both GPUs, after those: the shipped fusion config under DDP, then `mmrec test`, to hold
-#                   against the pipeline's one-GPU run;
-#   seeds           (not in the default list; with pipeline) issue 14 on the test split: SASRec for SEEDS (default
-#                   42 43 44) on GPU 1 once prepare is done, then the fusion head's VARIANTS (default "distill
-#                   no-distill"; the ablations: random-backbone lora no-code-embeddings random-code-init no-collab
-#                   no-text head-only prefix-ngram mse-quantizer) for SEEDS on the pipeline's SASRec and SIDs, one
-#                   run a GPU (GPU 1 once SASRec is done, GPU 0 once the pipeline is, any further GPU of an
-#                   nvidia-h200-x4 at once), each `--trainer.max_time null` (early
-#                   stopping ends it: a shared GPU would otherwise cut it short), then bench/bench_seeds.py's
-#                   mean ± std and `mmrec compare` against SASRec's seeds. VAL_VARIANTS (default none) queue
-#                   behind them (VAL_FIRST=1: ahead), one seed (42) each on the validation split: the next configuration's
-#                   choice. SEEDS_INPUTS=DIR (prepare, fit-collab, assign-sids of an earlier session, the inputs.tgz it
-#                   left in OUT) runs the variants on those, not on this session's pipeline; SASREC_TESTS=DIR (the
-#                   sasrec-tests.tgz a session left, of SASRec's seeds on those inputs) skips training SASRec again.
-#                   Issue 16's comparison: NEW_ITEMS=0.05
-#                   (prepare's split.new_items in the pipeline), SLICES=1 (`mmrec test --slices true`), RUN=runs/beauty-new,
-#                   VARIANTS="cold-start cold-start-prefix-ngram cold-start-all-bigrams cold-start-full-tuple"
-#                   (PIPELINE_SKIP=fit-recommender,test-fusion,... leaves stages out of the pipeline: there only
-#                   its inputs to the seeds matter, not its timing);
-#   generative-seeds (not in the default list) GPU GEN_GPU (default 1): the generative head with
-#                   configs/beauty/fit-recommender-generative-long.yaml for SEEDS, test split (issue 14: TIGER);
-#   refinement      (not in the default list) GPU REFINE_GPU (default 1): issue 18's prepare with and without
-#                   SmolLM2-refined titles, text-only SIDs and retrieval (bench/bench_text_refinement.py);
-#   gpu-tests       (not in the default list) GPUs 0 and 1 once the pipeline is done: tests/test_gpu.py (`make test-gpu`:
-#                   the LLM heads under FSDP and DDP over NCCL);
+#   seeds           (not in the default list) the variants' seeds and what they need, jobs of the queue below;
+#   refinement      (not in the default list) one job of the queue, its last (REFINE_FIRST=1: its first, so that
+#                   it holds one GPU from the start): issue 18's prepare with and without SmolLM2-refined titles,
+#                   text-only SIDs and retrieval (bench/bench_text_refinement.py);
+#   gpu-tests       (not in the default list) GPUs 0 and 1 once the pipeline is done: tests/test_gpu.py (`make
+#                   test-gpu`: the LLM heads under FSDP and DDP over NCCL), beside the queue's jobs;
+#   ddp-quality     the shipped fusion config under DDP on 2 GPUs (configs/strategies/fit-recommender-ddp.yaml),
+#                   seed 42, as the queue's fusion runs train (no time cap), then `mmrec test`: its whole-run tokens/s
+#                   and quality, to hold against the one-GPU runs of the same config on the same llm inputs. With the
+#                   seeds phase on 4 GPUs or more it runs first on the last two, whose workers start after it;
+#                   otherwise after everything else, on GPUs 0 and 1;
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
-# OUT/session.log says when each phase started; OUT/done marks the end.
+# OUT/session.log says when each phase and each job started; OUT/done marks the end.
+#
+# The job queue (phases seeds and refinement): one worker a GPU (GPU 0's once the pipeline phase is done, the
+# others at once) takes the queue's jobs in order, one at a time: one run a GPU, since a distilling fusion run
+# peaks at 56-72 GiB and two of them ran out of memory on one H200. A job whose inputs are not there yet waits
+# on its GPU for their ready mark; the jobs that make inputs are queued first, so that such waits stay short.
+# The jobs, in queue order:
+#   inputs@new      issue 16's inputs: bench/bench_pipeline.py's prepare (NEW_ITEMS, default 0.05, of the items
+#                   held out of training: the new-item protocol), fit-collab, fit-quantizer and assign-sids in
+#                   runs/beauty-new, then SASRec's SEEDS on that prepare (queued when a variant reads them);
+#   sasrec@llm      SASRec's SEEDS (default 42 43 44) on the llm inputs' prepare (queued when a variant is tested
+#                   on the llm or mse inputs and SASREC_TESTS is not given);
+#   inputs@mse      the quantizer ablation's SIDs: llm's prepare and fit-collab, a quantizer with MSE
+#                   reconstruction (queued when a variant reads them);
+#   VARIANT@SEED@SPLIT  one seed of one variant of the VARIANT table (bench/bench_seeds.py: its head's config,
+#                   then its options, on its inputs), scored on SPLIT. VARIANTS (default "distill no-distill") are
+#                   tested variant by variant, SEEDS each, so that a session cut short ends with whole variants; a
+#                   word VARIANT@valid in VARIANTS scores one seed (42) on the validation split in that place, the
+#                   next configuration's choice; VAL_VARIANTS (default none) are such words after VARIANTS
+#                   (VAL_FIRST=1: ahead of them). Once a variant's test seeds are done, bench_seeds.py's mean ± std
+#                   and `mmrec compare` against SASRec's seeds on the same prepare go to OUT/RESULTS.md;
+#   refinement      (above).
+# The heads: fusion (configs/beauty/fit-recommender.yaml, `--trainer.max_time null`: early stopping ends it, a
+# shared host would otherwise cut it short) and generative (configs/beauty/fit-recommender-generative.yaml,
+# tested at `--batch_size 1024`). The inputs (prepare, fit-collab, assign-sids) and the SASRec seeds they compare with:
+#   llm  this session's pipeline run RUN (kept in OUT/inputs.tgz), or SEEDS_INPUTS=DIR: an earlier session's
+#        inputs.tgz unpacked (waited for: DIR/prepare/manifest.json), so that the rows of both sessions read the
+#        very same SASRec and SIDs; SASRec: sasrec@llm (kept in OUT/sasrec-tests.tgz), or SASREC_TESTS=DIR: an
+#        earlier session's sasrec-tests.tgz unpacked (waited for: DIR/seed<last of SEEDS>/test/sasrec-test/metrics.json);
+#   mse  llm with inputs@mse's SIDs; llm's SASRec;
+#   new  inputs@new's and its SASRec, every test with `--slices true` (new, head, torso, tail, history length).
 #
 #   THROUGHPUT_RUN=DIR bash bench/gpu_session.sh GGUF TEXT_MODEL DATA_DIR OUT
-# GGUF: SmolLM2-135M-Instruct.Q4_1.gguf (it may still be arriving: phases that need it wait for the file);
+# GGUF: SmolLM2-135M-Instruct.Q4_1.gguf (it may still be arriving: phases and jobs that need it wait for the file);
 # TEXT_MODEL: all-MiniLM-L6-v2 folder; DATA_DIR: user_sequences.txt and items.csv of Amazon Beauty 2014;
 # OUT: where logs, JSON and RESULTS.md sections go. PHASES (default "ddp-throughput pipeline diagnosis
 # ddp-quality") picks phases. The session runs longer than one remote call: start it detached (setsid nohup
@@ -77,8 +95,7 @@ if phase pipeline; then
   # fresh caches: the timing is that of a new machine (no converted backbone, no compiled kernels)
   CUDA_VISIBLE_DEVICES=0 MMREC_CACHE_DIR=/tmp/pipeline-cache TORCHINDUCTOR_CACHE_DIR=/tmp/pipeline-inductor \
     TRITON_CACHE_DIR=/tmp/pipeline-triton python3 bench/bench_pipeline.py --run_dir "$RUN" --data_dir "$DATA" --text_model "$TEXT" \
-    --backbone "$GGUF" ${NEW_ITEMS:+--override "prepare=--split.new_items $NEW_ITEMS"} ${PIPELINE_SKIP:+--skip "$PIPELINE_SKIP"} \
-    --results "$RESULTS" --json "$OUT/pipeline.json" >"$OUT/pipeline.log" 2>&1 &
+    --backbone "$GGUF" --results "$RESULTS" --json "$OUT/pipeline.json" >"$OUT/pipeline.log" 2>&1 &
   pipeline=$!
 fi
 
@@ -111,11 +128,13 @@ if phase diagnosis; then
     >"$OUT/diagnosis-sasrec.log" 2>&1
 fi
 
-if phase seeds; then
-  # beside the timed pipeline: fewer loader workers and threads, so that it keeps its CPU share
+if phase seeds || phase refinement || phase ddp-quality; then
+  # beside the timed pipeline and each other: fewer loader workers and threads a job, so that each keeps its CPU share
   export OMP_NUM_THREADS=4
   SEEDS=${SEEDS:-42 43 44}
-  # issue 14's variants of the fusion head: options after the shipped config, "|" between options
+  NEW_ITEMS=${NEW_ITEMS:-0.05}
+  # the variants (issues 14 and 16): options after their head's config, "|" between options; a "--config FILE"
+  # option becomes one of bench_seeds' --config layers
   declare -A VARIANT=(
     [distill]=""
     [no-distill]="--config configs/beauty/fit-recommender-no-distill.yaml"
@@ -123,7 +142,7 @@ if phase seeds; then
     [random-backbone-20]="--model.backbone.weights random|--trainer.max_epochs 20"
     [lora]="--model.backbone.finetune lora|--model.backbone.dtype bfloat16|--model.lora_lr 1e-3"
     [no-code-embeddings]="--model.sid_modalities []"
-    [random-code-init]="--config configs/beauty/fit-recommender-random-init.yaml"
+    [codebook-code-init]="--config configs/beauty/fit-recommender-codebook-init.yaml"
     [no-collab]="--model.modalities [text]"
     [no-text]="--model.modalities [collab]"
     [head-only]="--model.scorers [head]"
@@ -138,139 +157,228 @@ if phase seeds; then
     [cold-start-prefix-ngram]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme prefix_ngram"
     [cold-start-all-bigrams]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme all_bigrams"
     [cold-start-full-tuple]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme full_tuple"
+    # issue 14 against TIGER: trained to convergence (up to 16 epochs, early stopping, a 9-minute cap)
+    [generative-long]="--config configs/beauty/fit-recommender-generative-long.yaml"
+    # issue 16: text SIDs, since no new item has a collab SID, and `mmrec test --slices true` refuses a model that
+    # cannot write some of the targets
+    [new-items-generative]="--model.init_args.sid_modality text"
+    # the shipped config on 2 GPUs under DDP: ddp_job's, never a queued job (a worker holds one GPU)
+    [ddp]="--config configs/strategies/fit-recommender-ddp.yaml|--trainer.devices 2"
   )
-  TEST_OPTIONS=(${SLICES:+--test_option "--slices true"})
-  VARIANTS=${VARIANTS:-distill no-distill}
-  INPUTS=${SEEDS_INPUTS:-$RUN}  # SEEDS_INPUTS: an earlier session's inputs (rows comparable with its rows)
-  LLM=runs/seeds-inputs/llm MSE=runs/seeds-inputs/llm-mse
-  FUSION_OVERRIDES=(--override "--model.backbone.name_or_path $GGUF" --override "--trainer.max_time null" --override "--data.num_workers 4")
-  variant_args() {  # VARIANT: bench_seeds arguments (its inputs, then its options)
-    local inputs=$LLM option
-    [ "$1" = mse-quantizer ] && inputs=$MSE
-    printf '%s\n' --prepared "$inputs"
-    IFS='|' read -ra options <<<"${VARIANT[$1]}"
-    for option in "${options[@]}"; do printf '%s\n' --override "$option"; done
+  # a variant's head where it is not the fusion head, and its inputs where they are not llm
+  declare -A HEAD_OF=([generative-long]=generative [new-items-generative]=generative)
+  declare -A INPUTS_OF=([mse-quantizer]=mse [cold-start]=new [cold-start-prefix-ngram]=new [cold-start-all-bigrams]=new
+    [cold-start-full-tuple]=new [new-items-generative]=new)
+  declare -A CONFIG_OF=([fusion]=$FUSION [generative]=configs/beauty/fit-recommender-generative.yaml)
+  # options of every run of a head: the backbone file (the generative config nests its model under init_args)
+  declare -A HEAD_OPTIONS=(
+    [fusion]="--model.backbone.name_or_path $GGUF|--trainer.max_time null|--data.num_workers 4"
+    [generative]="--model.init_args.backbone.name_or_path $GGUF|--data.num_workers 4"
+  )
+  # `mmrec test` options of a head (beam search keeps one prompt cache row per user) and of the inputs
+  declare -A HEAD_TEST=([fusion]="" [generative]="--batch_size 1024")
+  declare -A INPUTS_TEST=([llm]="" [mse]="" [new]="--slices true")
+  baseline_of() { if [ "$1" = new ]; then echo new; else echo llm; fi; }  # INPUTS: whose SASRec seeds they compare with
+  sasrec_runs() { if [ "$1" = llm ]; then echo "${SASREC_TESTS:-runs/seeds/sasrec}"; else echo "runs/seeds/sasrec-$1"; fi; }
+  baseline_mark() {  # INPUTS: the file that says SASRec's seeds for them are there
+    if [ "$1" = llm ] && [ -n "${SASREC_TESTS:-}" ]; then echo "$SASREC_TESTS/seed${SEEDS##* }/test/sasrec-test/metrics.json"
+    else echo "runs/seeds/sasrec-$1.done"; fi
   }
-  QUEUE=runs/seeds-queue && rm -rf "$QUEUE" && mkdir -p "$QUEUE"
-  rm -f "$LLM.ready" "$MSE.ready" runs/seeds/sasrec.done
-  # variant by variant (all seeds of one before the next), so that a session cut short still ends with whole
-  # variants, each summarised as soon as its seeds are done
-  JOBS=() TEST_JOBS=()
-  for variant in $VARIANTS; do for seed in $SEEDS; do TEST_JOBS+=("$variant@$seed@test"); done; done
-  VAL_JOBS=()
-  for variant in ${VAL_VARIANTS:-}; do VAL_JOBS+=("$variant@42@valid"); done
-  if [ -n "${VAL_FIRST:-}" ]; then JOBS=("${VAL_JOBS[@]}" "${TEST_JOBS[@]}"); else JOBS=("${TEST_JOBS[@]}" "${VAL_JOBS[@]}"); fi
-  next_job() { local job; for job in "${JOBS[@]}"; do mkdir "$QUEUE/$job" 2>/dev/null && { echo "$job"; return; }; done; }
-  fusion_job() {  # GPU VARIANT@SEED@SPLIT: one seed of one variant, scored on SPLIT, once its inputs are there
-    local gpu=$1 variant seed split args inputs=$LLM
-    IFS=@ read -r variant seed split <<<"$2"
-    [ "$variant" = mse-quantizer ] && inputs=$MSE
-    wait_for "$inputs.ready"
-    mapfile -t args < <(variant_args "$variant")
-    CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" \
-      "${FUSION_OVERRIDES[@]}" --model fusion --seeds "$seed" --runs "runs/seeds/fusion-$variant" --split "$split" \
-      --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS-seeds-single.md" \
-      >"$OUT/seeds-$variant-$seed-$split.log" 2>&1
-    touch "$QUEUE/$2/done"
-  }
-  worker() { local job; while job=$(next_job) && [ -n "$job" ]; do fusion_job "$1" "$job"; done; }
-  # SASRec's seeds: the baseline of every comparison
-  SASREC=${SASREC_TESTS:-runs/seeds/sasrec}
-  summarise() {  # VARIANT: mean ± std over SEEDS and mmrec compare against SASRec's seeds, once its test runs are done
-    local variant=$1 seed args
-    for seed in $SEEDS; do wait_for "$QUEUE/$variant@$seed@test/done"; done
-    wait_for runs/seeds/sasrec.done
-    mapfile -t args < <(variant_args "$variant")
-    python3 bench/bench_seeds.py "${args[@]}" --stage fit-recommender --config "$FUSION" "${FUSION_OVERRIDES[@]}" \
-      --model fusion --seeds $SEEDS --runs "runs/seeds/fusion-$variant" --split test --test_config configs/beauty/test.yaml \
-      "${TEST_OPTIONS[@]}" --baseline_runs $(for seed in $SEEDS; do echo "$SASREC/seed$seed"; done) --baseline_model sasrec \
-      --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-$variant.log" 2>&1
-    stamp "seeds: $variant summarised"
-  }
-  wait_for "$INPUTS/prepare/manifest.json"
-  (  # the inputs every fusion variant reads, once the pipeline has them; without SEEDS_INPUTS kept in OUT, so
-     # that a later session runs its variants on the very same SASRec and SIDs (SEEDS_INPUTS=<them unpacked>)
-    [ -n "${SEEDS_INPUTS:-}" ] || wait_for_sids
-    mkdir -p "$LLM" && cp -r "$INPUTS/prepare" "$INPUTS/fit-collab" "$INPUTS/assign-sids" "$LLM/" && touch "$LLM.ready"
-    [ -n "${SEEDS_INPUTS:-}" ] || tar -czf "$OUT/inputs.tgz" -C "$LLM" prepare fit-collab assign-sids
-  ) &
-  # one run a GPU: a distilling fusion run peaks at 56-72 GiB, and two of them ran out of memory on one H200.
-  # GPU 0 times the pipeline and GPU 1 trains SASRec first; any further GPU (nvidia-h200-x4) starts at once
-  SUMMARIES=()
-  for variant in $VARIANTS; do summarise "$variant" & SUMMARIES+=($!); done
-  stamp "seeds: the fusion head on $NGPU GPUs, variants: $VARIANTS"
-  for ((gpu = 2; gpu < NGPU; gpu++)); do worker "$gpu" & done
-  if [ -z "${SASREC_TESTS:-}" ]; then
-    mkdir -p runs/seeds-inputs/sasrec && cp -r "$INPUTS/prepare" runs/seeds-inputs/sasrec/
-    stamp "seeds: SASRec on GPU 1"
-    SASREC_JOBS=()
-    for seed in $SEEDS; do
-      CUDA_VISIBLE_DEVICES=1 python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab \
-        --config configs/beauty/fit-collab.yaml --override "--data.num_workers 2" --model sasrec --seeds "$seed" \
-        --runs runs/seeds/sasrec --split test --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" \
-        --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-sasrec-$seed.log" 2>&1 &
-      SASREC_JOBS+=($!)
+
+  bench_args() {  # VARIANT SPLIT: its bench/bench_seeds.py arguments but --seeds and --results, one a line
+    local variant=$1 split=$2 head=${HEAD_OF[$1]:-fusion} inputs=${INPUTS_OF[$1]:-llm} option options runs=runs/seeds/$1
+    [ "$split" = valid ] && runs+=-valid  # not the test runs' folders: bench_seeds clears a seed's folder to train it
+    printf '%s\n' --prepared "runs/seeds-inputs/$inputs" --stage fit-recommender --model "$head" \
+      --config "${CONFIG_OF[$head]}" --runs "$runs" --split "$split" --test_config configs/beauty/test.yaml
+    IFS='|' read -ra options <<<"${VARIANT[$variant]}|${HEAD_OPTIONS[$head]}"
+    for option in "${options[@]}"; do
+      case $option in
+        "") ;;
+        "--config "*) printf '%s\n' --config "${option#--config }" ;;
+        *) printf '%s\n' --override "$option" ;;
+      esac
     done
-    wait "${SASREC_JOBS[@]}"  # not a bare wait: that would also wait for the pipeline
-    python3 bench/bench_seeds.py --prepared runs/seeds-inputs/sasrec --stage fit-collab --config configs/beauty/fit-collab.yaml \
-      --override "--data.num_workers 2" --model sasrec --seeds $SEEDS --runs runs/seeds/sasrec --split test \
-      --test_config configs/beauty/test.yaml "${TEST_OPTIONS[@]}" --results "$OUT/RESULTS.md" >"$OUT/seeds-summary-sasrec.log" 2>&1
-    tar -czf "$OUT/sasrec-tests.tgz" -C runs/seeds/sasrec $(for seed in $SEEDS; do echo "seed$seed/test"; done)
-  fi
-  mkdir -p runs/seeds && touch runs/seeds/sasrec.done
-  if [[ " $VARIANTS " == *" mse-quantizer "* ]]; then  # the quantizer ablation: its own SIDs, MSE reconstruction
-    wait_for "$LLM.ready"
-    mkdir -p "$MSE" && cp -r "$INPUTS/prepare" "$INPUTS/fit-collab" "$MSE/"
-    CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli fit-quantizer --config configs/beauty/fit-quantizer.yaml --run_dir "$MSE" \
+    for option in "${HEAD_TEST[$head]}" "${INPUTS_TEST[$inputs]}"; do [ -z "$option" ] || printf '%s\n' --test_option "$option"; done
+  }
+  seeds_done() {  # RUNS MODEL SEED...: whether every seed's test metrics are there
+    local runs=$1 model=$2 seed
+    shift 2
+    for seed in "$@"; do [ -f "$runs/seed$seed/test/$model-test/metrics.json" ] || return 1; done
+  }
+
+  # the jobs
+  variant_job() {  # GPU VARIANT SEED SPLIT
+    local gpu=$1 variant=$2 seed=$3 split=$4 args
+    wait_for "runs/seeds-inputs/${INPUTS_OF[$variant]:-llm}.ready"
+    wait_for "$GGUF"
+    mapfile -t args < <(bench_args "$variant" "$split")
+    CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --seeds "$seed" \
+      --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-$variant-$seed-$split.log" 2>&1
+  }
+  sasrec_job() {  # GPU INPUTS: SASRec's seeds side by side on one GPU (each needs under 1 GiB), then their summary
+    local gpu=$1 inputs=$2 runs seed pids=() args
+    runs=$(sasrec_runs "$inputs")
+    args=(--prepared "runs/seeds-inputs/sasrec-$inputs" --stage fit-collab --config configs/beauty/fit-collab.yaml
+      --override "--data.num_workers 2" --model sasrec --runs "$runs" --split test --test_config configs/beauty/test.yaml)
+    [ -z "${INPUTS_TEST[$inputs]}" ] || args+=(--test_option "${INPUTS_TEST[$inputs]}")
+    wait_for "runs/seeds-inputs/$inputs.prepared"
+    for seed in $SEEDS; do
+      CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --seeds "$seed" \
+        --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-sasrec-$inputs-$seed.log" 2>&1 &
+      pids+=($!)
+    done
+    wait "${pids[@]}"
+    # only on seeds that are done: bench_seeds would train a missing one again, on whichever GPU
+    if seeds_done "$runs" sasrec $SEEDS; then
+      CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --seeds $SEEDS --results "$OUT/RESULTS.md" \
+        >"$OUT/seeds-summary-sasrec-$inputs.log" 2>&1
+      [ "$inputs" = llm ] && tar -czf "$OUT/sasrec-tests.tgz" -C "$runs" $(for seed in $SEEDS; do echo "seed$seed/test"; done)
+    fi
+    touch "runs/seeds/sasrec-$inputs.done"  # also after a failure: the summaries then go without a comparison
+  }
+  publish() {  # INPUTS RUN_DIR STAGES...: copy the stages' folders, then mark them ready (also after a failure:
+    # the jobs that read them then fail at once, and the session goes on)
+    local inputs=$1 run=$2 stage
+    shift 2
+    mkdir -p "runs/seeds-inputs/$inputs"
+    for stage in "$@"; do cp -r "$run/$stage" "runs/seeds-inputs/$inputs/"; done
+    touch "runs/seeds-inputs/$inputs.ready"
+  }
+  publish_prepare() {  # INPUTS RUN_DIR: the prepare SASRec's seeds copy (only it: their fit-collab is their own)
+    mkdir -p "runs/seeds-inputs/sasrec-$1" && cp -r "$2/prepare" "runs/seeds-inputs/sasrec-$1/"
+    touch "runs/seeds-inputs/$1.prepared"
+  }
+  new_items_job() {  # GPU: the pipeline's stages before the LLM heads, new items held out, then SASRec on them
+    local gpu=$1 run=runs/beauty-new
+    CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_pipeline.py --run_dir "$run" --data_dir "$DATA" --text_model "$TEXT" \
+      --stages prepare,fit-collab,fit-quantizer,assign-sids --override "prepare=--split.new_items $NEW_ITEMS" \
+      --results "$OUT/RESULTS-new-items.md" --json "$OUT/new-items-pipeline.json" >"$OUT/seeds-new-items-pipeline.log" 2>&1
+    publish new "$run" prepare fit-collab assign-sids
+    publish_prepare new "$run"
+    sasrec_job "$gpu" new
+  }
+  mse_job() {  # GPU: llm's prepare and fit-collab, the SIDs of a quantizer trained with MSE reconstruction
+    local gpu=$1 run=runs/mse-quantizer
+    wait_for runs/seeds-inputs/llm.ready
+    rm -rf "$run" && mkdir -p "$run" && cp -r runs/seeds-inputs/llm/prepare runs/seeds-inputs/llm/fit-collab "$run/"
+    CUDA_VISIBLE_DEVICES=$gpu python3 -m mmrec.cli fit-quantizer --config configs/beauty/fit-quantizer.yaml --run_dir "$run" \
       --model.recon_loss mse --trainer.enable_progress_bar false >"$OUT/seeds-mse-quantizer.log" 2>&1 &&
-    CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli assign-sids --config configs/beauty/assign-sids.yaml --run_dir "$MSE" \
+    CUDA_VISIBLE_DEVICES=$gpu python3 -m mmrec.cli assign-sids --config configs/beauty/assign-sids.yaml --run_dir "$run" \
       >>"$OUT/seeds-mse-quantizer.log" 2>&1
-    rm -rf "$MSE/fit-quantizer" "$MSE"/*.work
-    touch "$MSE.ready"  # also after a failure: its runs then fail at once, and the session goes on
+    publish mse "$run" prepare fit-collab assign-sids
+  }
+  refinement_job() {  # GPU
+    wait_for "$GGUF"
+    CUDA_VISIBLE_DEVICES=$1 python3 bench/bench_text_refinement.py --runs runs/refine-bench --model "$GGUF" \
+      --prepare_option "--text.model $TEXT" --prepare_option "--source.init_args.sequences $DATA/user_sequences.txt" \
+      --prepare_option "--source.init_args.items $DATA/items.csv" --results "$OUT/RESULTS.md" >"$OUT/refinement.log" 2>&1
+  }
+  run_job() {  # GPU JOB
+    local gpu=$1 job=$2 variant seed split
+    stamp "job $job on GPU $gpu"
+    case $job in
+      inputs@new) new_items_job "$gpu" ;;
+      sasrec@llm) sasrec_job "$gpu" llm ;;
+      inputs@mse) mse_job "$gpu" ;;
+      refinement) refinement_job "$gpu" ;;
+      *) IFS=@ read -r variant seed split <<<"$job" && variant_job "$gpu" "$variant" "$seed" "$split" ;;
+    esac
+    stamp "job $job done on GPU $gpu (exit $?)"
+    touch "$QUEUE/$job/done"
+  }
+  summarise() {  # VARIANT: mean ± std over SEEDS and `mmrec compare` against SASRec's seeds, once its test runs are done
+    local variant=$1 seed args baseline compare=() against="no SASRec seeds: they failed" head=${HEAD_OF[$1]:-fusion}
+    baseline=$(baseline_of "${INPUTS_OF[$variant]:-llm}")
+    for seed in $SEEDS; do wait_for "$QUEUE/$variant@$seed@test/done"; done
+    wait_for "$(baseline_mark "$baseline")"
+    mapfile -t args < <(bench_args "$variant" test)
+    # only on seeds that are done: bench_seeds would train a missing one again, on whichever GPU
+    if ! seeds_done "runs/seeds/$variant" "$head" $SEEDS; then stamp "seeds: $variant not summarised: a seed failed"; return; fi
+    if seeds_done "$(sasrec_runs "$baseline")" sasrec $SEEDS; then
+      against=$(sasrec_runs "$baseline")
+      compare=(--baseline_model sasrec --baseline_runs $(for seed in $SEEDS; do echo "$against/seed$seed"; done))
+    fi
+    python3 bench/bench_seeds.py "${args[@]}" --seeds $SEEDS "${compare[@]}" --results "$OUT/RESULTS.md" \
+      >"$OUT/seeds-summary-$variant.log" 2>&1
+    stamp "seeds: $variant summarised (exit $?; against $against)"
+  }
+  ddp_job() {  # GPUS ("2,3"): the shipped fusion config under DDP on those two, seed 42 of the llm inputs, tested
+    wait_for runs/seeds-inputs/llm.ready
+    wait_for "$GGUF"
+    stamp "ddp-quality on GPUs $1"
+    local args
+    mapfile -t args < <(bench_args ddp test)
+    CUDA_VISIBLE_DEVICES=$1 python3 bench/bench_seeds.py "${args[@]}" --seeds 42 --results "$OUT/RESULTS-ddp.md" \
+      >"$OUT/ddp-quality.log" 2>&1
+    stamp "ddp-quality done (exit $?)"
+  }
+  worker() {  # GPU: its jobs, until the queue has none left
+    local job
+    while job=$(next_job) && [ -n "$job" ]; do run_job "$1" "$job"; done
+  }
+  next_job() { local job; for job in "${JOBS[@]}"; do mkdir "$QUEUE/$job" 2>/dev/null && { echo "$job"; return; }; done; }
+
+  # the queue: the jobs that make inputs, then the variants' seeds, the refinement last (or first)
+  SEED_JOBS=() TESTED=()
+  declare -A READ=()  # the inputs the variants read
+  WORDS=$(for variant in ${VAL_VARIANTS:-}; do echo "$variant@valid"; done)
+  if [ -n "${VAL_FIRST:-}" ]; then WORDS="$WORDS ${VARIANTS:-distill no-distill}"; else WORDS="${VARIANTS:-distill no-distill} $WORDS"; fi
+  phase seeds || WORDS=
+  phase ddp-quality && READ[llm]=1
+  for word in $WORDS; do
+    variant=${word%@valid}
+    if [ -z "${VARIANT[$variant]+set}" ]; then stamp "seeds: no variant $variant, left out"; continue; fi
+    READ[${INPUTS_OF[$variant]:-llm}]=1
+    if [ "$word" = "$variant" ]; then
+      TESTED+=("$variant")
+      for seed in $SEEDS; do SEED_JOBS+=("$variant@$seed@test"); done
+    else
+      SEED_JOBS+=("$variant@42@valid")
+    fi
+  done
+  JOBS=()
+  [ -n "${READ[new]:-}" ] && JOBS+=(inputs@new)
+  for variant in "${TESTED[@]}"; do
+    if [ "$(baseline_of "${INPUTS_OF[$variant]:-llm}")" = llm ] && [ -z "${SASREC_TESTS:-}" ]; then JOBS+=(sasrec@llm); break; fi
+  done
+  [ -n "${READ[mse]:-}" ] && JOBS+=(inputs@mse)
+  JOBS+=("${SEED_JOBS[@]}")
+  if phase refinement; then if [ -n "${REFINE_FIRST:-}" ]; then JOBS=(refinement "${JOBS[@]}"); else JOBS+=(refinement); fi; fi
+  QUEUE=runs/seeds-queue && rm -rf "$QUEUE" runs/seeds-inputs runs/seeds/sasrec-*.done && mkdir -p "$QUEUE" runs/seeds
+
+  if [ -n "${READ[llm]:-}${READ[mse]:-}" ]; then
+    (  # the llm inputs, once there: the prepare (SASRec's seeds start on it), then prepare, fit-collab and the SIDs
+      INPUTS=${SEEDS_INPUTS:-$RUN}
+      wait_for "$INPUTS/prepare/manifest.json"
+      publish_prepare llm "$INPUTS"
+      [ -n "${SEEDS_INPUTS:-}" ] || wait_for_sids
+      publish llm "$INPUTS" prepare fit-collab assign-sids
+      # this session's, kept in OUT: a later session runs its variants on the very same SASRec and SIDs
+      # (SEEDS_INPUTS=<them unpacked>)
+      [ -n "${SEEDS_INPUTS:-}" ] || tar -czf "$OUT/inputs.tgz" -C runs/seeds-inputs/llm prepare fit-collab assign-sids
+    ) &
   fi
-  worker 1 &
-  if [ -n "$pipeline" ]; then wait "$pipeline"; fi
+  SUMMARIES=()
+  for variant in "${TESTED[@]}"; do summarise "$variant" & SUMMARIES+=($!); done
+  stamp "job queue on $NGPU GPUs: ${JOBS[*]}"
+  # the DDP run takes the last two GPUs first where there are 4 or more; elsewhere it waits for the queue's end
+  WORKERS=$NGPU
+  if phase ddp-quality && [ "$NGPU" -ge 4 ]; then WORKERS=$((NGPU - 2)); fi
+  for ((gpu = 1; gpu < WORKERS; gpu++)); do worker "$gpu" & done
+  if [ "$WORKERS" -lt "$NGPU" ]; then
+    ( ddp_job "$WORKERS,$((WORKERS + 1))"; worker "$WORKERS" & worker "$((WORKERS + 1))" & wait ) &
+  fi
+  if [ -n "$pipeline" ]; then wait "$pipeline"; pipeline=; fi  # GPU 0 times the pipeline alone
   worker 0 &
-  wait "${SUMMARIES[@]}"
-  stamp "seeds: summaries written"
+  # not a bare wait for the summaries: that would also wait for the workers
+  if [ ${#SUMMARIES[@]} -gt 0 ]; then wait "${SUMMARIES[@]}"; stamp "seeds: summaries written"; fi
   wait
+  if phase ddp-quality && [ "$WORKERS" -eq "$NGPU" ]; then ddp_job 0,1; fi
   unset OMP_NUM_THREADS
 fi
 
-if phase generative-seeds; then  # issue 14: the generative head trained to convergence, against TIGER's figures
-  wait_for_sids
-  mkdir -p runs/generative-inputs && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" runs/generative-inputs/
-  stamp "generative-seeds on GPU ${GEN_GPU:-1}"
-  CUDA_VISIBLE_DEVICES=${GEN_GPU:-1} python3 bench/bench_seeds.py --prepared runs/generative-inputs --stage fit-recommender \
-    --config configs/beauty/fit-recommender-generative.yaml --config configs/beauty/fit-recommender-generative-long.yaml \
-    --override "--model.init_args.backbone.name_or_path $GGUF" --model generative --seeds ${SEEDS:-42 43 44} \
-    --runs runs/seeds/generative-long --split test --test_config configs/beauty/test.yaml --test_option "--batch_size 1024" \
-    --results "$OUT/RESULTS.md" >"$OUT/generative-seeds.log" 2>&1
-fi
-
-if phase refinement; then  # issue 18: prepare with and without SmolLM2-refined titles (bench/bench_text_refinement.py)
-  wait_for "$GGUF"
-  stamp "refinement on GPU ${REFINE_GPU:-1}"
-  CUDA_VISIBLE_DEVICES=${REFINE_GPU:-1} python3 bench/bench_text_refinement.py --runs runs/refine-bench --model "$GGUF" \
-    --prepare_option "--text.model $TEXT" --prepare_option "--source.init_args.sequences $DATA/user_sequences.txt" \
-    --prepare_option "--source.init_args.items $DATA/items.csv" --results "$OUT/RESULTS.md" >"$OUT/refinement.log" 2>&1
-fi
-
-[ -n "$pipeline" ] && wait "$pipeline"
-stamp "pipeline and diagnosis done"
-
-if phase ddp-quality; then
-  stamp "ddp-quality: the shipped fusion config on 2 GPUs"
-  DDP=runs/beauty-ddp
-  rm -rf "$DDP" && mkdir -p "$DDP" && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" "$DDP/"
-  {
-    python3 -m mmrec.cli fit-recommender --config "$FUSION" --run_dir "$DDP" --trainer.enable_progress_bar false \
-      --model.backbone.name_or_path "$GGUF" --trainer.devices 2 --trainer.strategy ddp &&
-    python3 -m mmrec.cli test --config configs/beauty/test.yaml --run_dir "$DDP" --model fusion
-  } >"$OUT/ddp-quality.log" 2>&1
-  cp "$DDP/fit-recommender/manifest.json" "$OUT/ddp-quality-manifest.json" 2>/dev/null
-  cp "$DDP/test/fusion-test/metrics.json" "$OUT/ddp-quality-metrics.json" 2>/dev/null
-fi
+if [ -n "$pipeline" ]; then wait "$pipeline"; fi
+stamp "pipeline, diagnosis and job queue done"
 
 if phase fsdp; then
   stamp "fsdp: cost rows on 2 GPUs"
@@ -283,7 +391,7 @@ if phase fsdp; then
 fi
 wait
 # validation curves and every stage's manifest (fit, validation and training seconds: where a stage's time went)
-(cd runs && find diagnosis beauty beauty-ddp seeds \( -path '*logs*' -name metrics.csv \) -o -name manifest.json 2>/dev/null |
+(cd runs && find diagnosis beauty beauty-ddp beauty-new seeds \( -path '*logs*' -name metrics.csv \) -o -name manifest.json 2>/dev/null |
   tar -czf "$OUT/curves.tgz" -T -)
 stamp "session done"
 touch "$OUT/done"
