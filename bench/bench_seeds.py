@@ -111,7 +111,8 @@ def section(args: argparse.Namespace, folders: list[Path]) -> str:
     dataset = first["dataset"]
     masked = "masked" if first["protocol"]["mask_history"] else "not masked (TIGER)"
     lines = [
-        f"## {args.model} over {len(args.seeds)} seeds, {args.split} split ({args.stage}), {time.strftime('%Y-%m-%d %H:%M')}",
+        (f"## {args.label or args.model} over {len(args.seeds)} seeds, {args.split} split ({args.stage}), "
+         f"{time.strftime('%Y-%m-%d %H:%M')}"),
         "",
         f"- machine: {machine()}; commit {git_commit()}",
         f"- config: {' + '.join(args.config)}" + (f"; overrides: `{' '.join(args.override)}`" if args.override else "")
@@ -128,13 +129,16 @@ def section(args: argparse.Namespace, folders: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line's options, folders made absolute (the stages run from the repository root); another
+    benchmark passes ``argv`` to run seeds with the same options and defaults (bench/bench_text_refinement.py)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prepared", type=Path, required=True, help="run folder every seed's run is copied from")
     parser.add_argument("--stage", required=True, help="training stage to run per seed, e.g. fit-collab, fit-recommender")
     parser.add_argument("--config", action="append", required=True, help="the stage's config (repeat to compose)")
     parser.add_argument("--override", action="append", default=[], help="extra stage option, e.g. '--model.dropout 0.3'")
     parser.add_argument("--model", required=True, help="model name for `mmrec test` (sasrec, fusion, generative, ...)")
+    parser.add_argument("--label", help="what the section's title calls these runs (default: --model)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44])
     parser.add_argument("--runs", type=Path, required=True, help="folder that receives one run folder per seed")
     parser.add_argument("--split", choices=["valid", "test"], default="valid", help="select on valid; test once, at the end")
@@ -144,9 +148,14 @@ def main() -> None:
     parser.add_argument("--baseline_runs", type=Path, nargs="+", default=[], help="run folders of the baseline's seeds")
     parser.add_argument("--baseline_model", help="the baseline's model name in those runs (default: --model)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the section is appended to")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.prepared, args.runs = args.prepared.resolve(), args.runs.resolve()
     args.baseline_runs = [run.resolve() for run in args.baseline_runs]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     folders = [run_seed(args, seed) for seed in args.seeds]
     append_section(args.results, section(args, folders))
 

@@ -3,13 +3,13 @@
 On one GPU, Amazon Beauty (the refinement is a generation pass over 12,101 titles):
 
     python bench/bench_text_refinement.py --config configs/beauty/prepare.yaml --runs runs/refine-bench \\
-        --model smollm2 --batch_size 256
+        --model smollm2 --batch_size 256 [--fusion_seeds 42 43 44 --fusion_option "--model.backbone.name_or_path GGUF"
+        --fusion_gpus 0 1]
 
 For each variant, ``plain`` (the titles as they are) and ``refined`` (``--text.refine.enabled true`` with
 ``--model``), in ``<runs>/<variant>/``, it runs the real commands: ``mmrec prepare``, then a text-only
 quantizer (``mmrec fit-quantizer --data.modalities [text]``: the text SIDs depend on the text embeddings
-alone, and a collab branch would need a ``fit-collab`` per variant, since the items table differs) and
-``mmrec assign-sids``. It reports
+alone) and ``mmrec assign-sids``. It reports
 
 - **text-SID collisions before resolution** (``assign-sids/report.json``): items sharing a code tuple, which
   near-duplicate titles cause and a good description should separate;
@@ -19,20 +19,39 @@ alone, and a collab branch would need a ``fit-collab`` per variant, since the it
   TIGER protocol) and removed from it;
 - **the refinement's cost and outcome** from the prepare manifest: wall time, generations, items the
   evaluator accepted, rounds histogram, failures;
+- with ``--fusion_seeds``, **the full fusion head** on each variant: in ``<runs>/<variant>-sids/``, a copy of the
+  variant's ``prepare/`` with its own ``mmrec fit-collab`` (SASRec), a quantizer over the fusion head's
+  modalities (``--quantizer_config`` as it is: collab + text on Beauty) and ``mmrec assign-sids``; then
+  ``bench/bench_seeds.py``'s runs in ``<runs>/<variant>-fusion/seed<N>/`` (``mmrec fit-recommender`` with
+  ``--trainer.max_time null`` so that early stopping, not a shared GPU's speed, ends it, and ``mmrec test
+  --model fusion`` on the test split), its mean ± std over seeds, and ``mmrec compare`` of the refined seeds
+  against the plain ones. ``--fusion_gpus 0 1`` runs the two variants at once, one GPU each, after the text part.
+  The refined variant cannot reuse the plain variant's SASRec although SASRec reads only the interactions:
+  ``text_refined`` makes the two ``items.parquet`` differ, and every stage refuses a ``fit-collab`` of another
+  items table (``RunFolder.open``'s lineage check). Both train it with the same config and seed; the section
+  gives each one's validation NDCG@10, so what is left of SASRec's seed noise is visible. ``mmrec compare``
+  pairs the two although their items tables differ: their catalogs (``catalog_sha256``) are the same.
 
-and appends a section to ``--results`` (``bench/RESULTS.md``). A variant whose ``assign-sids/report.json``
-exists is not run again, and the refinement cache makes an interrupted ``refined`` prepare resume where it
-stopped, so the benchmark can span several device calls. Nothing here is estimated: every figure is read
-from what the commands wrote.
+and appends one section (the fusion head's seeds as sections of their own after it) to ``--results``
+(``bench/RESULTS.md``). A variant whose ``assign-sids/report.json`` exists is not run again, nor is a stage of
+``<runs>/<variant>-sids/`` already published or a seed already tested, and the refinement cache makes an
+interrupted ``refined`` prepare resume where it stopped, so the benchmark can span several device calls; the
+section is appended once everything is there. Nothing here is estimated: every figure is read from what the
+commands wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import bench_seeds
 import numpy as np
 import torch
 from common import RESULTS, append_section, git_commit, machine, mmrec, option_words, read_json
@@ -106,7 +125,7 @@ def run_variant(args: argparse.Namespace, variant: str) -> dict[str, float]:
         return {}
     times = {"prepare": mmrec("prepare", "--config", args.config, "--run_dir", str(run_dir), *prepare_args(args, variant))}
     times["fit-quantizer"] = mmrec("fit-quantizer", "--config", args.quantizer_config, "--run_dir", str(run_dir),
-                                   "--data.modalities", "[text]")
+                                   *option_words(args.quantizer_option), "--data.modalities", "[text]")
     times["assign-sids"] = mmrec("assign-sids", "--config", args.sids_config, "--run_dir", str(run_dir))
     return times
 
@@ -135,13 +154,104 @@ def variant_row(args: argparse.Namespace, variant: str, times: dict[str, float])
             f"{kept.ndcg:.4f} | {masked.recall:.4f} | {masked.ndcg:.4f} | {prepare_s} | {cost} |")
 
 
+def inputs_stages(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The commands that make the fusion head's inputs on a variant's prepare, in order, by stage folder."""
+    return {
+        "fit-collab": ["--config", args.collab_config, *option_words(args.collab_option)],
+        "fit-quantizer": ["--config", args.quantizer_config, *option_words(args.quantizer_option)],
+        "assign-sids": ["--config", args.sids_config],
+    }
+
+
+def inputs_dir(args: argparse.Namespace, variant: str) -> Path:
+    return args.runs / f"{variant}-sids"
+
+
+def fusion_runs(args: argparse.Namespace, variant: str) -> Path:
+    return args.runs / f"{variant}-fusion"
+
+
+def fusion_inputs(args: argparse.Namespace, variant: str) -> None:
+    """Fill ``<runs>/<variant>-sids`` with the variant's ``prepare/``, its own SASRec, a quantizer over the fusion
+    head's modalities and their SIDs. A stage published there is not run again; with no SASRec yet, the folder
+    starts afresh from the variant's ``prepare/`` (an interrupted copy or an earlier prepare is not trusted)."""
+    run_dir = inputs_dir(args, variant)
+    if not (run_dir / "fit-collab" / "manifest.json").is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.copytree(args.runs / variant / "prepare", run_dir / "prepare")
+    for stage, options in inputs_stages(args).items():
+        if (run_dir / stage / "manifest.json").is_file():
+            print(f"{variant}: {run_dir / stage} exists, not run again", flush=True)
+        else:
+            mmrec(stage, *options, "--run_dir", str(run_dir))
+
+
+def seeds_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
+    """``bench/bench_seeds.py``'s options for the fusion head's seeds on a variant, parsed by its own parser (the
+    same defaults as its command line); the refined variant's baseline is the plain variant's seeds."""
+    configs = [word for config in args.fusion_config for word in ("--config", config)]
+    overrides = [word for option in ("--trainer.max_time null", *args.fusion_option) for word in ("--override", option)]
+    words = ["--prepared", str(inputs_dir(args, variant)), "--stage", "fit-recommender", *configs, *overrides,
+             "--model", "fusion", "--label", f"Fusion head on {variant} item text (text.refine benchmark)",
+             "--seeds", *map(str, args.fusion_seeds), "--runs", str(fusion_runs(args, variant)), "--split", "test",
+             "--test_config", args.test_config]
+    if variant != "plain":
+        words += ["--baseline_runs", *(str(fusion_runs(args, "plain") / f"seed{seed}") for seed in args.fusion_seeds)]
+    return bench_seeds.parse_args(words)
+
+
+def train_fusion(args: argparse.Namespace, variant: str, gpu: str | None = None) -> None:
+    """Make a variant's inputs, then train and test the fusion head for every seed, on GPU ``gpu`` when given
+    (this process then runs this variant alone: its stages inherit the setting)."""
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    fusion_inputs(args, variant)
+    seeds = seeds_args(args, variant)
+    for seed in seeds.seeds:
+        bench_seeds.run_seed(seeds, seed)
+
+
+def train_all_fusion(args: argparse.Namespace) -> None:
+    """Both variants' fusion runs: one after the other, or with ``--fusion_gpus`` at once, a process and a GPU each
+    (the same GPU time, half the wall time: what lets the benchmark end within one machine loan)."""
+    if not args.fusion_gpus:
+        for variant in VARIANTS:
+            train_fusion(args, variant)
+        return
+    with ProcessPoolExecutor(len(VARIANTS), mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(train_fusion, [args] * len(VARIANTS), VARIANTS, args.fusion_gpus))
+
+
+def fusion_section(args: argparse.Namespace, variant: str) -> str:
+    """bench_seeds' section of a variant's seeds: mean ± std, and for the refined one ``mmrec compare`` with plain."""
+    seeds = seeds_args(args, variant)
+    return bench_seeds.section(seeds, [bench_seeds.test_folder(seeds.runs / f"seed{seed}", seeds.model, seeds.split)
+                                       for seed in seeds.seeds])
+
+
+def inputs_lines(args: argparse.Namespace) -> list[str]:
+    """The fusion head's inputs: the commands, then per variant its SASRec's seed and best validation NDCG@10 (how far
+    the two differ is what is left of SASRec's seed noise) and the text-SID collisions of its multimodal quantizer."""
+    commands = "; ".join(f"`mmrec {stage} {' '.join(options)}`" for stage, options in inputs_stages(args).items())
+    lines = [(f"- fusion head (the sections below): per variant, in <runs>/<variant>-sids, {commands}; a SASRec per variant "
+              "(the same config and seed), since mmrec refuses a fit-collab of another items table and `text_refined` makes "
+              "the two differ")]
+    for variant in VARIANTS:
+        collab = read_json(inputs_dir(args, variant) / "fit-collab" / "manifest.json")
+        collisions = read_json(inputs_dir(args, variant) / "assign-sids" / "report.json")["text"]["collisions_before"]
+        lines.append(f"  - {variant}: SASRec seed {collab['seed']}, best validation N@10 "
+                     f"{collab['extra']['best_val']['ndcg@10']:.4f}; this quantizer's text-SID collisions before resolution "
+                     f"{collisions['colliding_items']:,} ({collisions['collision_rate']:.2%})")
+    return lines
+
+
 def section(args: argparse.Namespace, rows: list[str]) -> str:
     return "\n".join([
         f"## Refined item text (VL-CLIP, `text.refine`) with {args.model}, {time.strftime('%Y-%m-%d %H:%M')}",
         "",
         f"- machine: {machine()}; commit {git_commit()}",
         (f"- prepare: {args.config}; refined: `{' '.join(prepare_args(args, 'refined'))}` (default prompts); text-only "
-         f"quantizer {args.quantizer_config} with `--data.modalities [text]`; {args.sids_config}"),
+         f"quantizer `{' '.join(inputs_stages(args)['fit-quantizer'])} --data.modalities [text]`; {args.sids_config}"),
         ("- retrieval: validation split, user = mean of normalised training-item text embeddings, cosine, full "
          "ranking, pessimistic ties, items without text ranked last"),
         "",
@@ -149,10 +259,11 @@ def section(args: argparse.Namespace, rows: list[str]) -> str:
          "| prepare s | refinement |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
+        *(["", *inputs_lines(args)] if args.fusion_seeds else []),
     ])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/beauty/prepare.yaml", help="prepare config of both variants")
     parser.add_argument("--quantizer_config", default="configs/beauty/fit-quantizer.yaml")
@@ -164,10 +275,35 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the section is appended to")
     parser.add_argument("--prepare_option", action="append", default=[], metavar='"--KEY VALUE"',
                         help="an mmrec prepare option for both variants (repeatable): where the data, the text model are")
+    parser.add_argument("--quantizer_option", action="append", default=[], metavar='"--KEY VALUE"',
+                        help="an mmrec fit-quantizer option for every quantizer (repeatable)")
+    fusion = parser.add_argument_group("the fusion head (with --fusion_seeds)")
+    fusion.add_argument("--fusion_seeds", type=int, nargs="*", default=[],
+                        help="its seeds (none: the fusion head is not run)")
+    fusion.add_argument("--collab_config", default="configs/beauty/fit-collab.yaml")
+    fusion.add_argument("--collab_option", action="append", default=[], metavar='"--KEY VALUE"',
+                        help="an mmrec fit-collab option (repeatable)")
+    fusion.add_argument("--fusion_config", nargs="+", default=["configs/beauty/fit-recommender.yaml"],
+                        help="fit-recommender config(s), composed in order")
+    fusion.add_argument("--fusion_option", action="append", default=[], metavar='"--KEY VALUE"',
+                        help="an mmrec fit-recommender option (repeatable), after `--trainer.max_time null`: the backbone")
+    fusion.add_argument("--test_config", default="configs/beauty/test.yaml", help="mmrec test config (the test split)")
+    fusion.add_argument("--fusion_gpus", nargs="*", default=[], metavar="GPU",
+                        help="two GPU ids: the plain and the refined runs at once, one on each (none: one after the other)")
     args = parser.parse_args()
+    if args.fusion_gpus and len(args.fusion_gpus) != len(VARIANTS):
+        parser.error(f"--fusion_gpus takes {len(VARIANTS)} GPU ids, one a variant, or none")
     args.runs = args.runs.resolve()
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     rows = [variant_row(args, variant, run_variant(args, variant)) for variant in VARIANTS]
-    append_section(args.results, section(args, rows))
+    if args.fusion_seeds:
+        train_all_fusion(args)
+    fusion = [fusion_section(args, variant) for variant in VARIANTS] if args.fusion_seeds else []
+    append_section(args.results, "\n\n".join([section(args, rows), *fusion]))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import torch
 
 from mmrec.artifacts.schemas import PREDICTIONS, write_table
 from mmrec.cli import main as mmrec
+from mmrec.errors import InputError
 from mmrec.evaluation.compare import compare
 from mmrec.metrics.ranking import RankingMetrics
 
@@ -21,7 +22,7 @@ NUM_USERS = 200
 
 def write_folder(
     path: Path, ranks: np.ndarray, split: str = "test", mask_history: bool = False, k: tuple[int, ...] = (5, 10, 20),
-    items_sha256: str = "items-hash", users: np.ndarray | None = None,
+    items_sha256: str = "items-hash", users: np.ndarray | None = None, catalog_sha256: str | None = None,
 ) -> Path:
     """A test folder whose target sits at ``ranks[u]`` of user u's top-max(k) list (``inf``: not listed)."""
     users = np.arange(len(ranks)) if users is None else users
@@ -37,7 +38,8 @@ def write_folder(
     metric = RankingMetrics(k)
     metric.update(torch.tensor(ranks, dtype=torch.float64))
     document = {
-        "dataset": {"items_sha256": items_sha256, "interactions_sha256": "interactions-hash"},
+        "dataset": {"items_sha256": items_sha256, "catalog_sha256": catalog_sha256,
+                    "interactions_sha256": "interactions-hash"},
         "model": path.name, "split": split, "n_users": len(ranks),
         "protocol": {"leave_one_out": True, "full_ranking": True, "ranking": "score every item", "mrr_cutoff": None,
                      "mask_history": mask_history, "ties": "pessimistic", "k": sorted(k)},
@@ -98,6 +100,7 @@ def test_predictions_must_reproduce_their_metrics(tmp_path: Path, capsys: pytest
         ({"mask_history": True}, "protocol (mask_history)"),
         ({"k": (5, 10)}, "protocol (k)"),
         ({"items_sha256": "other-items"}, "dataset (items_sha256)"),
+        ({"items_sha256": "other-items", "catalog_sha256": "catalog"}, "dataset (items_sha256)"),  # the first records none
         ({"users": np.arange(NUM_USERS) + 1}, "users"),
     ],
 )
@@ -109,6 +112,18 @@ def test_incomparable_folders_are_refused_in_one_line(
     assert mmrec(["compare", str(a), str(b), "--bootstrap", "10"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{a} and {b} differ in {what}:" in err
+
+
+def test_items_tables_of_one_catalog_are_compared(tmp_path: Path) -> None:
+    """A content ablation (refined item text): the items tables differ, the catalog does not; another catalog is refused."""
+    plain = write_folder(tmp_path / "plain", random_ranks(0, 0.5), catalog_sha256="catalog")
+    refined = write_folder(tmp_path / "refined", random_ranks(1, 0.5), items_sha256="refined", catalog_sha256="catalog")
+    other = write_folder(tmp_path / "other", random_ranks(2, 0.5), items_sha256="other-items", catalog_sha256="other")
+    result = compare([plain], [[refined]], resamples=10)
+    assert result["dataset"] == {"items_sha256": "items-hash", "catalog_sha256": "catalog",
+                                 "interactions_sha256": "interactions-hash"}
+    with pytest.raises(InputError, match=r"differ in dataset \(items_sha256\)"):
+        compare([plain], [[other]], resamples=10)
 
 
 def test_bad_command_lines_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

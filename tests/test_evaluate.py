@@ -7,15 +7,18 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from mmrec.artifacts import Manifest, read_table
 from mmrec.artifacts.schemas import PREDICTIONS
 from mmrec.cli import main as mmrec
+from mmrec.data.prepared import PreparedData
 from mmrec.errors import InputError
 from mmrec.evaluation import registry
 from mmrec.evaluation.evaluate import evaluate, seen_items
+from mmrec.evaluation.report import catalog_sha256
 from mmrec.models.popularity import Popularity
 
 NUM_ITEMS = 6
@@ -106,8 +109,6 @@ def test_scores_of_the_wrong_width_are_refused() -> None:
 def test_popularity_counts_training_interactions_only(tiny_run: Path) -> None:
     model = registry.load_recommender("popularity", tiny_run, None, torch.device("cpu"))
     assert isinstance(model, Popularity)
-    from mmrec.data.prepared import PreparedData
-
     table = PreparedData(tiny_run).interactions.to_pandas()
     expected = np.bincount(table.loc[table.split == "train", "item_idx"], minlength=40)
     assert model.counts.tolist() == expected.tolist()
@@ -137,12 +138,19 @@ def test_mmrec_test_writes_metrics_and_predictions(tiny_run: Path, capsys: pytes
     }
     prepare = Manifest.read(tiny_run / "prepare")
     assert document["dataset"]["items_sha256"] == prepare.lineage["items"]
+    assert document["dataset"]["catalog_sha256"] == catalog_sha256(PreparedData(tiny_run).items)
     assert set(document["metrics"]) == {"recall@5", "ndcg@5", "recall@10", "ndcg@10", "recall@20", "ndcg@20", "mrr"}
     predictions = read_table(folder / "predictions.parquet", PREDICTIONS)
     assert predictions.num_rows == 60 and all(len(items) == 20 for items in predictions.column("items").to_pylist())
     assert Manifest.read(folder).lineage == prepare.lineage
     assert "popularity on test" in capsys.readouterr().out
     assert not any(p.name.startswith(".") for p in (tiny_run / "test").iterdir())  # no temporary folder left
+
+
+def test_catalog_hash_follows_the_item_index_not_the_content() -> None:
+    items = pa.table({"item_idx": [0, 1], "item_id": ["a", "b"], "text": ["x", "y"]})
+    assert catalog_sha256(items) == catalog_sha256(items.set_column(2, "text", pa.array(["a rewrite", None])))
+    assert catalog_sha256(items) != catalog_sha256(items.set_column(1, "item_id", pa.array(["b", "a"])))
 
 
 def test_masked_results_go_to_their_own_folder(tiny_run: Path) -> None:

@@ -271,3 +271,21 @@ def test_bench_prepare_options_reach_both_variants(monkeypatch: pytest.MonkeyPat
     assert bench.prepare_args(args, "plain") == common
     refined = bench.prepare_args(args, "refined")
     assert refined[:4] == common and refined[4:6] == ["--text.refine.enabled", "true"] and "smollm2" in refined
+
+
+def test_bench_fusion_seeds_run_through_bench_seeds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Each variant's fusion seeds are bench_seeds' runs on its own inputs, uncapped in time; the refined seeds
+    are compared with the plain ones."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("bench_text_refinement")
+    runs = tmp_path.resolve()
+    args = argparse.Namespace(runs=runs, fusion_seeds=[42, 43], fusion_config=["f.yaml", "g.yaml"], test_config="t.yaml",
+                              fusion_option=["--model.backbone.name_or_path /m/smollm2.gguf"])
+    plain, refined = (bench.seeds_args(args, variant) for variant in bench.VARIANTS)
+    assert (plain.stage, plain.model, plain.split, plain.seeds) == ("fit-recommender", "fusion", "test", [42, 43])
+    assert plain.config == ["f.yaml", "g.yaml"] and plain.test_config == "t.yaml"
+    assert plain.override == ["--trainer.max_time null", "--model.backbone.name_or_path /m/smollm2.gguf"]
+    assert (plain.prepared, plain.runs, plain.baseline_runs) == (runs / "plain-sids", runs / "plain-fusion", [])
+    assert (refined.prepared, refined.runs) == (runs / "refined-sids", runs / "refined-fusion")
+    assert refined.baseline_runs == [runs / "plain-fusion" / "seed42", runs / "plain-fusion" / "seed43"]
+    assert "plain" in plain.label and "refined" in refined.label

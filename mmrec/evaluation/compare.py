@@ -11,6 +11,11 @@ the listed top items; a target outside the list earns 0), and their means must e
 ``metrics.json``: a folder whose predictions do not reproduce its own figures is refused rather than tested.
 Several seeds of one model are several folders; a side of several folders is tested on the per-user metric
 averaged over its seeds, and each seed's mean is reported as well.
+
+Folders must come from the same data: the same interactions, and the same items table or, where the items
+tables differ in content alone (a text ablation: ``prepare --text.refine.enabled true``, another text
+template), the same catalog (``catalog_sha256``, the item ids in index order), since the content is a model
+input like any other while the catalog fixes what each ranked item and target is.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ TOLERANCE = 1e-9
 PROTOCOL_KEYS = ("leave_one_out", "full_ranking", "mask_history", "ties", "k")
 """Protocol fields that must agree. ``ranking`` and ``mrr_cutoff`` may differ: a scoring model and a list
 model (the generative head) are compared on Recall/NDCG@K, which both measure the same way up to K."""
+
+DATASET_KEYS = ("items_sha256", "catalog_sha256", "interactions_sha256")
+"""What the result records of the data; ``catalog_sha256`` is None for folders written before it was recorded."""
 
 BOOTSTRAP_BLOCK = 1 << 22
 """Resampled user indices drawn at once (32 MiB): Beauty's 22k users x 10,000 resamples would need 1.8 GB."""
@@ -103,7 +111,7 @@ def check_comparable(first: TestFolder, other: TestFolder) -> None:
         if a["protocol"].get(key) != b["protocol"].get(key):
             refuse(f"protocol ({key})", a["protocol"].get(key), b["protocol"].get(key))
     for key in ("items_sha256", "interactions_sha256"):
-        if a["dataset"].get(key) != b["dataset"].get(key):
+        if a["dataset"].get(key) != b["dataset"].get(key) and not (key == "items_sha256" and same_catalog(a, b)):
             refuse(f"dataset ({key})", str(a["dataset"].get(key))[:12], str(b["dataset"].get(key))[:12])
     if not np.array_equal(first.users, other.users):
         only_a, only_b = np.setdiff1d(first.users, other.users), np.setdiff1d(other.users, first.users)
@@ -111,6 +119,12 @@ def check_comparable(first: TestFolder, other: TestFolder) -> None:
                f"{len(other.users)} users ({len(only_b)} not in the first)")
     if not np.array_equal(first.targets, other.targets):
         refuse("targets", f"{int((first.targets != other.targets).sum())} users' target", "the other's")
+
+
+def same_catalog(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Both ``metrics.json`` documents record one catalog (earlier ones record none: their items tables must match)."""
+    catalog = a["dataset"].get("catalog_sha256")
+    return catalog is not None and catalog == b["dataset"].get("catalog_sha256")
 
 
 def choose_k(folder: TestFolder, k: int | None) -> int:
@@ -215,7 +229,7 @@ def compare(
     return {
         "split": first.document["split"],
         "protocol": {key: first.document["protocol"].get(key) for key in PROTOCOL_KEYS},
-        "dataset": {key: first.document["dataset"].get(key) for key in ("items_sha256", "interactions_sha256")},
+        "dataset": {key: first.document["dataset"].get(key) for key in DATASET_KEYS},
         "n_users": len(first.users),
         "k": k,
         "bootstrap": {"resamples": resamples, "seed": seed, "interval": "percentile 95%"},

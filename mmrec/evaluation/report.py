@@ -1,17 +1,20 @@
 """What ``mmrec test`` records and prints: ``metrics.json`` and the console table.
 
 ``metrics.json`` is self-describing on purpose: a figure copied into a paper or an issue must carry the
-data it was measured on (content hashes of the items and interactions), the exact weights (path and
-hash), the split and the protocol (full ranking or a top-k list, history masked or not, tie rule).
+data it was measured on (content hashes of the items, of the catalog and of the interactions), the exact
+weights (path and hash), the split and the protocol (full ranking or a top-k list, history masked or not, tie rule).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import time
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import torch
 
 from mmrec import __version__
@@ -33,6 +36,13 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def catalog_sha256(items: pa.Table) -> str:
+    """SHA-256 of the item ids in ``item_idx`` order: what each item index means. Items tables that differ in
+    content alone (the text, its ``text_refined`` rewrite, image references) share it, so test folders of such
+    content variants rank the same items and ``mmrec compare`` may pair them although their items hashes differ."""
+    return hashlib.sha256(json.dumps(items.column("item_id").to_pylist()).encode()).hexdigest()
+
+
 def dataset_summary(prepared: PreparedData) -> dict[str, Any]:
     """The prepared data a figure was measured on, identified by content hashes."""
     manifest = prepared.manifest
@@ -44,6 +54,7 @@ def dataset_summary(prepared: PreparedData) -> dict[str, Any]:
         "num_items": prepared.num_items,
         "num_interactions": prepared.interactions.num_rows,
         "items_sha256": manifest.lineage.get("items"),
+        "catalog_sha256": catalog_sha256(prepared.items),
         "interactions_sha256": manifest.lineage.get("interactions"),
     }
 
