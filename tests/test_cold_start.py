@@ -7,13 +7,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmrec.cli import main as mmrec
+from mmrec.errors import InputError
+from mmrec.evaluation.slices import SliceSpec
 from mmrec.models.llm.distill import distillation_loss
 from mmrec.models.llm.fusion import FrequencyAwareFusion
+from mmrec.stages.test import unrankable_targets
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "tests" / "conf"
@@ -104,6 +109,50 @@ def test_slices_of_a_model_that_cannot_rank_new_targets_are_refused(new_item_run
     assert len(errors) == 1 and "cannot rank" in errors[0] and "sid_modality" in errors[0] and "Traceback" not in err
     assert not (new_item_run / "test" / "generative-test").exists()
     assert mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", str(new_item_run), "--model", "generative"]) == 0
+
+
+def test_a_head_on_content_sids_is_sliced_and_counts_the_targets_it_cannot_rank(
+    new_item_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On image SIDs the generative head can write new items, so it is sliced; the fixture's items without an
+    image have no image SID, and the test targets among them are counted (misses), slice by slice."""
+    assert mmrec(["fit-recommender", "--config", str(CONF / "fit-recommender-generative.yaml"), "--run_dir",
+                  str(new_item_run), "--model.init_args.sid_modality", "image"]) == 0
+    capsys.readouterr()
+    assert sliced_test(new_item_run, "generative") == 0
+    document = json.loads((new_item_run / "test" / "generative-test" / "metrics.json").read_text())
+    slices = document["slices"]
+    with_sid = set(pq.read_table(new_item_run / "assign-sids" / "sids.parquet", filters=[("modality", "=", "image")])
+                   .column("item_idx").to_pylist())
+    targets = pq.read_table(new_item_run / "test" / "generative-test" / "predictions.parquet").column("target").to_pylist()
+    blocked = sum(target not in with_sid for target in targets)
+    assert blocked > 0 and sum(slices[name]["unrankable_targets"] for name in ("head", "torso", "tail", "new")) == blocked
+    assert 0 < slices["new"]["users"] and slices["new"]["unrankable_targets"] < slices["new"]["users"]
+    assert "targets the model can never rank, counted as misses" in capsys.readouterr().out
+
+
+class PartialModel:
+    """A model that can never rank the items of ``unrankable`` (as the generative head, items without an SID)."""
+
+    def __init__(self, unrankable: list[int], num_items: int) -> None:
+        self.mask = torch.zeros(num_items, dtype=torch.bool)
+        self.mask[unrankable] = True
+
+    def unrankable_items(self) -> torch.Tensor:
+        return self.mask
+
+
+def test_targets_a_model_cannot_rank_are_counted_per_slice_and_a_slice_of_nothing_else_is_refused() -> None:
+    """A few unrankable targets (items without content) are misses, counted; a whole such slice is refused."""
+    counts = np.array([50, 40, 30, 20, 10, 5, 3, 2, 1, 0])  # item 9 never occurs in training: new
+    targets = np.array([0, 1, 5, 8, 9, 9])
+    histories = [np.arange(length) for length in (1, 2, 3, 5, 6, 7)]
+    spec = SliceSpec.build(counts, histories, targets, history_buckets=[1, 5])
+    found = unrankable_targets(PartialModel([8], 10), "generative", "test", targets, spec)
+    assert found is not None and found["new"] == 0 and found["tail"] == 1 and sum(found.values()) == 2  # tail, history 5+
+    with pytest.raises(InputError, match="cannot rank any test target of slice new"):
+        unrankable_targets(PartialModel([9], 10), "generative", "test", targets, spec)
+    assert unrankable_targets(object(), "sasrec", "test", targets, spec) is None
 
 
 @pytest.mark.parametrize("share", ["-0.1", "1.0"])

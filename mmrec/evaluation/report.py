@@ -85,14 +85,21 @@ def metrics_document(
     wall_time_s: float,
     precision: str = "32",
     slices: SliceSpec | None = None,
+    unrankable: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """The content of ``metrics.json``; with ``slices``, the metrics per slice and how the slices were cut."""
+    """The content of ``metrics.json``; with ``slices``, the metrics per slice and how the slices were cut, and
+    with ``unrankable`` (a model that cannot rank every item) each slice's count of such targets."""
     sliced: dict[str, Any] = {}
     proto = protocol(evaluation, k, mask_history)
     if slices is not None:
         proto["slices"] = slices.record()
         users = evaluation.predictions.column("user_idx").to_numpy()
         sliced["slices"] = slice_metrics(slices, users, evaluation.ranks, k)
+        if unrankable is not None:
+            proto["slices"]["unrankable_targets"] = ("targets the model can never rank (no SID in its sid_modality), "
+                                                     "counted as misses")
+            for name, count in unrankable.items():
+                sliced["slices"][name]["unrankable_targets"] = count
     return {
         "dataset": dataset_summary(prepared),
         "model": model,
@@ -124,6 +131,11 @@ def format_table(document: dict[str, Any]) -> str:
     ]
     if "slices" in document:
         lines += ["", format_slices(document["slices"], proto["k"])]
+        blocked = {name: values["unrankable_targets"] for name, values in document["slices"].items()
+                   if values.get("unrankable_targets")}
+        if blocked:
+            lines.append("targets the model can never rank, counted as misses: "
+                         + ", ".join(f"{name} {count:,}" for name, count in blocked.items()))
     return "\n".join(lines)
 
 

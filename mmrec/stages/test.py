@@ -56,19 +56,26 @@ def launch(devices: int, device: torch.device) -> Fabric | None:
     return fabric
 
 
-def refuse_unrankable_targets(recommender: object, model: str, split: str, targets: np.ndarray) -> None:
-    """Refuse slices for a model that can never rank some of the split's targets: its figure on them (the
-    ``new`` slice, typically) would be zero by construction, a property of the model presented as a measurement."""
+def unrankable_targets(
+    recommender: object, model: str, split: str, targets: np.ndarray, spec: SliceSpec
+) -> dict[str, int] | None:
+    """Per slice, the users whose target the model can never rank (an item without an SID in its
+    ``sid_modality``), None for a model that ranks the whole catalog. Such targets are misses like any other
+    and are counted beside the slice's figures; but a slice whose every target is one (the ``new`` slice of
+    a head that writes collab SIDs) would report zero by construction, a property of the model presented as a
+    measurement, and is refused."""
     if not isinstance(recommender, PartialCatalog):
-        return
-    unrankable = recommender.unrankable_items().cpu().numpy()
-    blocked = int(unrankable[targets].sum())
-    if blocked:
+        return None
+    unrankable = recommender.unrankable_items().cpu().numpy()[np.asarray(targets, dtype=np.int64)]
+    counts = {name: int(unrankable[members].sum()) for name, members in spec.members.items()}
+    whole = [name for name, members in spec.members.items() if len(members) and counts[name] == len(members)]
+    if whole:
         raise InputError(
-            f"--model {model} cannot rank {int(unrankable.sum())} items (no SID in its sid_modality; with collab, every "
-            f"item never seen in training), and {blocked} {split} targets are among them, so its slices would report "
-            "zeros by construction; evaluate it without --slices, or train it with --model.init_args.sid_modality text"
+            f"--model {model} cannot rank any {split} target of slice {', '.join(whole)} (no SID in its "
+            f"sid_modality; with collab, every item never seen in training), so its figures there would be zero by "
+            "construction; evaluate it without --slices, or train it with --model.init_args.sid_modality text"
         )
+    return counts
 
 
 def output_name(model: str, split: str, mask_history: bool) -> str:
@@ -121,11 +128,11 @@ def test(
     shard = None if fabric is None else (fabric.global_rank, fabric.world_size)
     loader, data = split_loader(run_dir, split, batch_size, shard)
     prepared = data.prepared
-    spec = None
+    spec, unrankable = None, None
     if slices:
         histories, targets = prepared.histories(split)
-        refuse_unrankable_targets(recommender, model, split, targets)
         spec = SliceSpec.build(prepared.train_item_counts, histories, targets, slice_shares, history_buckets)
+        unrankable = unrankable_targets(recommender, model, split, targets, spec)
     bf16 = precision == "bf16" or (precision == "auto" and torch_device.type == "cuda")
     evaluation = evaluate(
         recommender, loader, prepared.num_items, k, mask_history, torch_device,
@@ -138,7 +145,7 @@ def test(
     document = metrics_document(
         prepared=prepared, model=model, checkpoint=checkpoint_of(recommender), split=split, k=k,
         mask_history=mask_history, evaluation=evaluation, device=torch_device, wall_time_s=time.perf_counter() - start,
-        precision="bf16" if bf16 else "32", slices=spec,
+        precision="bf16" if bf16 else "32", slices=spec, unrankable=unrankable,
     )
     if fabric is not None and fabric.global_rank != 0:  # rank 0 writes
         return document
