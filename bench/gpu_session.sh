@@ -142,6 +142,8 @@ if phase seeds || phase refinement || phase ddp-quality; then
     [random-backbone-20]="--model.backbone.weights random|--trainer.max_epochs 20"
     [lora]="--model.backbone.finetune lora|--model.backbone.dtype bfloat16|--model.lora_lr 1e-3"
     [no-code-embeddings]="--model.sid_modalities []"
+    # item vectors from the code embeddings alone; the collab and text scorers still read their raw embeddings
+    [no-raw-embeddings]="--model.modalities []|--model.sid_modalities [collab, text]|--model.scorers [head, collab, text]"
     [codebook-code-init]="--config configs/beauty/fit-recommender-codebook-init.yaml"
     [no-collab]="--model.modalities [text]"
     [no-text]="--model.modalities [collab]"
