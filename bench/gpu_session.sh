@@ -2,20 +2,18 @@
 # The unattended GPU session behind the device figures of bench/RESULTS.md (issues 13, 14, 16 and 18), on a
 # machine with two or four GPUs (the lent nvidia-h200-x2 or -x4). Every phase logs to OUT and the session goes on
 # when one fails:
-#   ddp-throughput  both GPUs: the fusion head's tokens/s on 1 GPU, then under DDP on 2 (plain `--trainer.strategy
-#                   ddp`, configs/strategies/fit-recommender-ddp.yaml, and that with a bf16 gradient all-reduce),
-#                   SmolLM2-135M's shape with random weights, on the run folder THROUGHPUT_RUN (prepare, fit-collab,
-#                   assign-sids; no backbone file needed);
+#   ddp-throughput  (not in the default list) both GPUs: the fusion head's tokens/s on 1 GPU, then under DDP on 2
+#                   (plain `--trainer.strategy ddp`, configs/strategies/fit-recommender-ddp.yaml, and that with a
+#                   bf16 gradient all-reduce), SmolLM2-135M's shape with random weights, on the run folder
+#                   THROUGHPUT_RUN (prepare, fit-collab, assign-sids; no backbone file needed);
 #   pipeline        GPU 0, alone: the whole Beauty pipeline from the raw files (bench/bench_pipeline.py) in RUN
 #                   (default runs/beauty);
-#   diagnosis       GPU 1, once the pipeline's assign-sids is done: fusion-head variants, two at a time, scored on
-#                   the validation split only (bench/bench_seeds.py, one seed each, no time cap: exploratory, issue 14);
-#   seeds           (not in the default list) the variants' seeds and what they need, jobs of the queue below;
+#   seeds           the variants' seeds and what they need, jobs of the queue below;
 #   refinement      (not in the default list) one job of the queue, its last (REFINE_FIRST=1: its first, so that
 #                   it holds one GPU from the start): issue 18's prepare with and without SmolLM2-refined titles,
 #                   text-only SIDs and retrieval (bench/bench_text_refinement.py);
-#   gpu-tests       (not in the default list) GPUs 0 and 1 once the pipeline is done: tests/test_gpu.py (`make
-#                   test-gpu`: the LLM heads under FSDP and DDP over NCCL), beside the queue's jobs;
+#   gpu-tests       GPUs 0 and 1 once the pipeline is done: tests/test_gpu.py (`make test-gpu`: the LLM heads
+#                   under FSDP and DDP over NCCL), beside the queue's jobs;
 #   ddp-quality     the shipped fusion config under DDP on 2 GPUs (configs/strategies/fit-recommender-ddp.yaml),
 #                   seed 42, as the queue's fusion runs train (no time cap), then `mmrec test`: its whole-run tokens/s
 #                   and quality, to hold against the one-GPU runs of the same config on the same llm inputs. With the
@@ -57,12 +55,12 @@
 #   THROUGHPUT_RUN=DIR bash bench/gpu_session.sh GGUF TEXT_MODEL DATA_DIR OUT
 # GGUF: SmolLM2-135M-Instruct.Q4_1.gguf (it may still be arriving: phases and jobs that need it wait for the file);
 # TEXT_MODEL: all-MiniLM-L6-v2 folder; DATA_DIR: user_sequences.txt and items.csv of Amazon Beauty 2014;
-# OUT: where logs, JSON and RESULTS.md sections go. PHASES (default "ddp-throughput pipeline diagnosis
-# ddp-quality") picks phases. The session runs longer than one remote call: start it detached (setsid nohup
+# OUT: where logs, JSON and RESULTS.md sections go. PHASES (default "pipeline gpu-tests seeds ddp-quality")
+# picks phases. The session runs longer than one remote call: start it detached (setsid nohup
 # ... &) with an OUT that outlives the call, and fetch OUT when done.
 set -u
 GGUF=$1 TEXT=$2 DATA=$3 OUT=$4
-PHASES=${PHASES:-ddp-throughput pipeline diagnosis ddp-quality}
+PHASES=${PHASES:-pipeline gpu-tests seeds ddp-quality}
 RUN=${RUN:-runs/beauty}
 NGPU=$(nvidia-smi -L | wc -l)
 FUSION=configs/beauty/fit-recommender.yaml
@@ -106,26 +104,6 @@ if phase gpu-tests; then  # `make test-gpu` (FSDP and DDP over NCCL on 2 GPUs), 
     CUDA_VISIBLE_DEVICES=0,1 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py >"$OUT/gpu-tests.log" 2>&1
     stamp "gpu-tests done (exit $?)"
   ) &
-fi
-
-if phase diagnosis; then
-  wait_for_sids
-  BASE=runs/diagnosis-inputs
-  rm -rf "$BASE" && mkdir -p "$BASE" && cp -r "$RUN/prepare" "$RUN/fit-collab" "$RUN/assign-sids" "$BASE/"
-  stamp "diagnosis on GPU 1 (validation split)"
-  variant() {  # NAME, then fit-recommender options ("--key value", one per argument) after the shipped config
-    local name=$1 option overrides=(--override "--model.backbone.name_or_path $GGUF" --override "--trainer.max_time null")
-    shift
-    for option in "$@"; do overrides+=(--override "$option"); done
-    CUDA_VISIBLE_DEVICES=1 MMREC_CACHE_DIR=/tmp/diagnosis-cache python3 bench/bench_seeds.py --prepared "$BASE" \
-      --stage fit-recommender --config "$FUSION" "${overrides[@]}" --model fusion --seeds 42 --runs "runs/diagnosis/$name" \
-      --test_config configs/beauty/test.yaml --results "$OUT/RESULTS-diagnosis.md" >"$OUT/diagnosis-$name.log" 2>&1
-  }
-  variant shipped & variant distill-0.5 "--model.distill_weight 0.5" & wait
-  variant distill-0.8-t2 "--model.distill_weight 0.8" "--model.distill_temperature 2.0" &
-  variant random-backbone "--model.backbone.name_or_path configs/backbones/smollm2-135m.json" & wait
-  CUDA_VISIBLE_DEVICES=1 python3 -m mmrec.cli test --config configs/beauty/test.yaml --run_dir "$BASE" --model sasrec --split valid \
-    >"$OUT/diagnosis-sasrec.log" 2>&1
 fi
 
 if phase seeds || phase refinement || phase ddp-quality; then
@@ -380,7 +358,7 @@ if phase seeds || phase refinement || phase ddp-quality; then
 fi
 
 if [ -n "$pipeline" ]; then wait "$pipeline"; fi
-stamp "pipeline, diagnosis and job queue done"
+stamp "pipeline and job queue done"
 
 if phase fsdp; then
   stamp "fsdp: cost rows on 2 GPUs"
@@ -393,7 +371,7 @@ if phase fsdp; then
 fi
 wait
 # validation curves and every stage's manifest (fit, validation and training seconds: where a stage's time went)
-(cd runs && find diagnosis beauty beauty-ddp beauty-new seeds \( -path '*logs*' -name metrics.csv \) -o -name manifest.json 2>/dev/null |
+(cd runs && find beauty beauty-new seeds \( -path '*logs*' -name metrics.csv \) -o -name manifest.json 2>/dev/null |
   tar -czf "$OUT/curves.tgz" -T -)
 stamp "session done"
 touch "$OUT/done"
