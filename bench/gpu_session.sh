@@ -16,9 +16,10 @@
 #                   under FSDP and DDP over NCCL), beside the queue's jobs;
 #   ddp-quality     the shipped fusion config under DDP on 2 GPUs (configs/strategies/fit-recommender-ddp.yaml),
 #                   seed 42, as the queue's fusion runs train (no time cap), then `mmrec test`: its whole-run tokens/s
-#                   and quality, to hold against the one-GPU runs of the same config on the same llm inputs. With the
-#                   seeds phase on 4 GPUs or more it runs first on the last two, whose workers start after it;
-#                   otherwise after everything else, on GPUs 0 and 1;
+#                   and quality, to hold against the same config's one-GPU run on the same llm inputs in the same
+#                   session (the queue's first job, shipped@42@test). With 4 GPUs or more it runs first on the last
+#                   two, whose workers start after it; on fewer, first on GPUs 0 and 1 before any worker starts,
+#                   unless the pipeline phase holds GPU 0 (then after everything else);
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase and each job started; OUT/done marks the end.
 #
@@ -115,6 +116,8 @@ if phase seeds || phase refinement || phase ddp-quality; then
   # option becomes one of bench_seeds' --config layers
   declare -A VARIANT=(
     [distill]=""
+    # the same, under the name ddp-quality's one-GPU reference goes by
+    [shipped]=""
     [no-distill]="--config configs/beauty/fit-recommender-no-distill.yaml"
     [random-backbone]="--model.backbone.weights random"
     [random-backbone-20]="--model.backbone.weights random|--trainer.max_epochs 20"
@@ -194,6 +197,11 @@ if phase seeds || phase refinement || phase ddp-quality; then
     mapfile -t args < <(bench_args "$variant" "$split")
     CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --seeds "$seed" \
       --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-$variant-$seed-$split.log" 2>&1
+    keep_manifest "runs/seeds/$variant$([ "$split" = valid ] && echo -valid)/seed$seed" "$variant-$seed-$split"
+  }
+  keep_manifest() {  # RUN_DIR NAME: its fit-recommender manifest (tokens/s, training seconds) in OUT at once, not
+    # only in curves.tgz at the session's end, which a session cut short never reaches
+    mkdir -p "$OUT/manifests" && cp "$1/fit-recommender/manifest.json" "$OUT/manifests/$2.json" 2>/dev/null
   }
   sasrec_job() {  # GPU INPUTS: SASRec's seeds side by side on one GPU (each needs under 1 GiB), then their summary
     local gpu=$1 inputs=$2 runs seed pids=() args
@@ -291,6 +299,7 @@ if phase seeds || phase refinement || phase ddp-quality; then
     CUDA_VISIBLE_DEVICES=$1 python3 bench/bench_seeds.py "${args[@]}" --seeds 42 --results "$OUT/RESULTS-ddp.md" \
       >"$OUT/ddp-quality.log" 2>&1
     stamp "ddp-quality done (exit $?)"
+    keep_manifest runs/seeds/ddp/seed42 ddp-42-test
   }
   worker() {  # GPU: its jobs, until the queue has none left
     local job
@@ -323,6 +332,7 @@ if phase seeds || phase refinement || phase ddp-quality; then
   done
   [ -n "${READ[mse]:-}" ] && JOBS+=(inputs@mse)
   JOBS+=("${SEED_JOBS[@]}")
+  phase ddp-quality && JOBS=(shipped@42@test "${JOBS[@]}")
   if phase refinement; then if [ -n "${REFINE_FIRST:-}" ]; then JOBS=(refinement "${JOBS[@]}"); else JOBS+=(refinement); fi; fi
   QUEUE=runs/seeds-queue && rm -rf "$QUEUE" runs/seeds-inputs runs/seeds/sasrec-*.done && mkdir -p "$QUEUE" runs/seeds
 
@@ -341,9 +351,12 @@ if phase seeds || phase refinement || phase ddp-quality; then
   SUMMARIES=()
   for variant in "${TESTED[@]}"; do summarise "$variant" & SUMMARIES+=($!); done
   stamp "job queue on $NGPU GPUs: ${JOBS[*]}"
-  # the DDP run takes the last two GPUs first where there are 4 or more; elsewhere it waits for the queue's end
-  WORKERS=$NGPU
-  if phase ddp-quality && [ "$NGPU" -ge 4 ]; then WORKERS=$((NGPU - 2)); fi
+  # the DDP run takes the last two GPUs first where there are 4 or more; on fewer, GPUs 0 and 1 before any worker
+  # (a throughput figure wants them to itself) unless the timed pipeline holds GPU 0: then after the queue
+  WORKERS=$NGPU DDP_AFTER=
+  if phase ddp-quality; then
+    if [ "$NGPU" -ge 4 ]; then WORKERS=$((NGPU - 2)); elif [ -z "$pipeline" ]; then ddp_job 0,1; else DDP_AFTER=1; fi
+  fi
   for ((gpu = 1; gpu < WORKERS; gpu++)); do worker "$gpu" & done
   if [ "$WORKERS" -lt "$NGPU" ]; then
     ( ddp_job "$WORKERS,$((WORKERS + 1))"; worker "$WORKERS" & worker "$((WORKERS + 1))" & wait ) &
@@ -353,7 +366,7 @@ if phase seeds || phase refinement || phase ddp-quality; then
   # not a bare wait for the summaries: that would also wait for the workers
   if [ ${#SUMMARIES[@]} -gt 0 ]; then wait "${SUMMARIES[@]}"; stamp "seeds: summaries written"; fi
   wait
-  if phase ddp-quality && [ "$WORKERS" -eq "$NGPU" ]; then ddp_job 0,1; fi
+  if [ -n "$DDP_AFTER" ]; then ddp_job 0,1; fi
   unset OMP_NUM_THREADS
 fi
 
