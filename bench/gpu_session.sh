@@ -199,9 +199,14 @@ if phase seeds || phase refinement || phase ddp-quality; then
       --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-$variant-$seed-$split.log" 2>&1
     keep_manifest "runs/seeds/$variant$([ "$split" = valid ] && echo -valid)/seed$seed" "$variant-$seed-$split"
   }
-  keep_manifest() {  # RUN_DIR NAME: its fit-recommender manifest (tokens/s, training seconds) in OUT at once, not
-    # only in curves.tgz at the session's end, which a session cut short never reaches
-    mkdir -p "$OUT/manifests" && cp "$1/fit-recommender/manifest.json" "$OUT/manifests/$2.json" 2>/dev/null
+  keep_manifest() {  # RUN_DIR NAME: its LLM head's manifest (tokens/s, training seconds) in OUT at once, not only
+    # in curves.tgz at the session's end, which a session cut short never reaches; nothing when the run failed
+    local manifest
+    mkdir -p "$OUT/manifests"
+    for manifest in "$1"/fit-recommender*/manifest.json; do
+      [ -f "$manifest" ] && cp "$manifest" "$OUT/manifests/$2.json"
+    done
+    return 0
   }
   sasrec_job() {  # GPU INPUTS: SASRec's seeds side by side on one GPU (each needs under 1 GiB), then their summary
     local gpu=$1 inputs=$2 runs seed pids=() args

@@ -4,7 +4,8 @@ Lightning runs FSDP on CUDA devices only, so on a CPU the suite tests just its r
 These tests need two CUDA devices and are left out of ``make test``; ``make test-gpu`` runs them. For each
 head (fusion, generative) and each way of fine-tuning the backbone (full, LoRA), a run under
 ``configs/strategies/fit-recommender-fsdp.yaml`` on 2 GPUs publishes what a one-GPU run publishes, and
-``mmrec test`` evaluates it; the fusion head under plain DDP over NCCL does the same.
+``mmrec test`` evaluates it; the fusion head under plain DDP over NCCL does the same. Checkpoint copies of
+GPU tensors go to page-locked host buffers, which only a CUDA device has.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from mmrec.cli import main as mmrec
+from mmrec.stages.host_staging import HostStaging
 from tests.llm_helpers import write_sids
 from tests.test_ddp import (
     CONF,
@@ -72,3 +74,14 @@ def test_lightnings_own_fsdp_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "lightning.pytorch.strategies.fsdp.FSDPStrategy is not supported" in lines[0], lines
     assert not (run / "fit-recommender").exists()
+
+
+def test_checkpoint_copies_of_gpu_tensors_go_to_reused_page_locked_buffers() -> None:
+    staging = HostStaging(sets=1)
+    weights = torch.arange(6.0, device="cuda")
+    staged, buffers = staging.stage({"w": weights})
+    assert staged["w"].is_pinned() and staged["w"].tolist() == list(range(6))
+    staging.release(buffers)
+    weights += 1
+    again, _ = staging.stage({"w": weights})
+    assert again["w"].data_ptr() == staged["w"].data_ptr() and again["w"].tolist() == list(range(1, 7))

@@ -46,6 +46,8 @@ THROUGHPUT_KEYS = {
     "train_seconds": "train seconds",
     "tokens_per_second": "tokens/s",
     "tokens_per_second_steady": "tokens/s (steady)",
+    "epoch_boundary_seconds": "between epochs (s)",
+    "checkpoint_staging_s": "checkpoint copies (s)",
     "peak_gpu_memory_gib": "peak GPU memory (GiB)",
     "device": "device",
     "world_size": "processes",

@@ -236,13 +236,17 @@ class StageCLI(LightningCLI):
         return callback.best_model_path if callback else ""
 
     def fit_summary(self, best_val: dict[str, float], resumed_from: str | None, fit_seconds: float) -> dict[str, Any]:
-        """What every training stage's manifest records about its fit (``extra``)."""
+        """What every training stage's manifest records about its fit (``extra``); ``checkpoint_staging_s`` is
+        the training thread's time spent copying checkpoints for their background writes."""
+        checkpoint_io = self.trainer.strategy.checkpoint_io
+        staging = checkpoint_io.staging_seconds if isinstance(checkpoint_io, BackgroundCheckpointIO) else None
         return {
             "best_val": {name.removeprefix("val/"): value for name, value in best_val.items()},
             "best_checkpoint": self.best_checkpoint or None,
             "epochs": self.trainer.current_epoch,
             "global_steps": self.trainer.global_step,
             "fit_wall_time_s": round(fit_seconds, 2),
+            "checkpoint_staging_s": None if staging is None else round(staging, 2),
             "resumed_from": resumed_from,
         }
 
