@@ -30,9 +30,11 @@
 # The jobs, in queue order:
 #   inputs@new      issue 16's inputs: bench/bench_pipeline.py's prepare (NEW_ITEMS, default 0.05, of the items
 #                   held out of training: the new-item protocol), fit-collab, fit-quantizer and assign-sids in
-#                   runs/beauty-new, then SASRec's SEEDS on that prepare (queued when a variant reads them);
+#                   runs/beauty-new, then SASRec's SEEDS on that prepare (queued when a variant reads them and
+#                   NEW_INPUTS is not given);
 #   sasrec@llm      SASRec's SEEDS (default 42 43 44) on the llm inputs' prepare (queued when a variant is tested
 #                   on the llm or mse inputs and SASREC_TESTS is not given);
+#   sasrec@new      the same on NEW_INPUTS' prepare (queued when NEW_INPUTS is given and NEW_SASREC_TESTS is not);
 #   inputs@mse      the quantizer ablation's SIDs: llm's prepare and fit-collab, a quantizer with MSE
 #                   reconstruction (queued when a variant reads them);
 #   VARIANT@SEED@SPLIT  one seed of one variant of the VARIANT table (bench/bench_seeds.py: its head's config,
@@ -51,7 +53,11 @@
 #        very same SASRec and SIDs; SASRec: sasrec@llm (kept in OUT/sasrec-tests.tgz), or SASREC_TESTS=DIR: an
 #        earlier session's sasrec-tests.tgz unpacked (waited for: DIR/seed<last of SEEDS>/test/sasrec-test/metrics.json);
 #   mse  llm with inputs@mse's SIDs; llm's SASRec;
-#   new  inputs@new's and its SASRec, every test with `--slices true` (new, head, torso, tail, history length).
+#   new  inputs@new's (kept in OUT/inputs-new.tgz), or NEW_INPUTS=DIR: an earlier session's inputs-new.tgz
+#        unpacked (waited for: DIR/assign-sids/manifest.json); SASRec: the seeds inputs@new trains (kept in
+#        OUT/sasrec-new-tests.tgz), sasrec@new where NEW_INPUTS is given, or NEW_SASREC_TESTS=DIR: an earlier
+#        session's sasrec-new-tests.tgz unpacked; every test with `--slices true` (new, head, torso, tail,
+#        history length).
 #
 #   THROUGHPUT_RUN=DIR bash bench/gpu_session.sh GGUF TEXT_MODEL DATA_DIR OUT
 # GGUF: SmolLM2-135M-Instruct.Q4_1.gguf (it may still be arriving: phases and jobs that need it wait for the file);
@@ -162,9 +168,10 @@ if phase seeds || phase refinement || phase ddp-quality; then
   declare -A HEAD_TEST=([fusion]="" [generative]="--batch_size 1024")
   declare -A INPUTS_TEST=([llm]="" [mse]="" [new]="--slices true")
   baseline_of() { if [ "$1" = new ]; then echo new; else echo llm; fi; }  # INPUTS: whose SASRec seeds they compare with
-  sasrec_runs() { if [ "$1" = llm ]; then echo "${SASREC_TESTS:-runs/seeds/sasrec}"; else echo "runs/seeds/sasrec-$1"; fi; }
+  sasrec_tests() { if [ "$1" = llm ]; then echo "${SASREC_TESTS:-}"; else echo "${NEW_SASREC_TESTS:-}"; fi; }  # INPUTS: given ones
+  sasrec_runs() { if [ "$1" = llm ]; then echo "${SASREC_TESTS:-runs/seeds/sasrec}"; else echo "${NEW_SASREC_TESTS:-runs/seeds/sasrec-$1}"; fi; }
   baseline_mark() {  # INPUTS: the file that says SASRec's seeds for them are there
-    if [ "$1" = llm ] && [ -n "${SASREC_TESTS:-}" ]; then echo "$SASREC_TESTS/seed${SEEDS##* }/test/sasrec-test/metrics.json"
+    if [ -n "$(sasrec_tests "$1")" ]; then echo "$(sasrec_tests "$1")/seed${SEEDS##* }/test/sasrec-test/metrics.json"
     else echo "runs/seeds/sasrec-$1.done"; fi
   }
 
@@ -225,7 +232,9 @@ if phase seeds || phase refinement || phase ddp-quality; then
     if seeds_done "$runs" sasrec $SEEDS; then
       CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --seeds $SEEDS --results "$OUT/RESULTS.md" \
         >"$OUT/seeds-summary-sasrec-$inputs.log" 2>&1
-      [ "$inputs" = llm ] && tar -czf "$OUT/sasrec-tests.tgz" -C "$runs" $(for seed in $SEEDS; do echo "seed$seed/test"; done)
+      # kept for a later session's SASREC_TESTS or NEW_SASREC_TESTS
+      tar -czf "$OUT/$([ "$inputs" = llm ] && echo sasrec-tests || echo "sasrec-$inputs-tests").tgz" -C "$runs" \
+        $(for seed in $SEEDS; do echo "seed$seed/test"; done)
     fi
     touch "runs/seeds/sasrec-$inputs.done"  # also after a failure: the summaries then go without a comparison
   }
@@ -248,7 +257,9 @@ if phase seeds || phase refinement || phase ddp-quality; then
       --results "$OUT/RESULTS-new-items.md" --json "$OUT/new-items-pipeline.json" >"$OUT/seeds-new-items-pipeline.log" 2>&1
     publish new "$run" prepare fit-collab assign-sids
     publish_prepare new "$run"
-    sasrec_job "$gpu" new
+    # a later session's NEW_INPUTS: its rows then read the very same SASRec and SIDs as this session's
+    tar -czf "$OUT/inputs-new.tgz" -C runs/seeds-inputs/new prepare fit-collab assign-sids
+    [ -n "${NEW_SASREC_TESTS:-}" ] || sasrec_job "$gpu" new
   }
   mse_job() {  # GPU: llm's prepare and fit-collab, the SIDs of a quantizer trained with MSE reconstruction
     local gpu=$1 run=runs/mse-quantizer
@@ -272,6 +283,7 @@ if phase seeds || phase refinement || phase ddp-quality; then
     case $job in
       inputs@new) new_items_job "$gpu" ;;
       sasrec@llm) sasrec_job "$gpu" llm ;;
+      sasrec@new) sasrec_job "$gpu" new ;;
       inputs@mse) mse_job "$gpu" ;;
       refinement) refinement_job "$gpu" ;;
       *) IFS=@ read -r variant seed split <<<"$job" && variant_job "$gpu" "$variant" "$seed" "$split" ;;
@@ -331,7 +343,9 @@ if phase seeds || phase refinement || phase ddp-quality; then
     fi
   done
   JOBS=()
-  [ -n "${READ[new]:-}" ] && JOBS+=(inputs@new)
+  if [ -n "${READ[new]:-}" ]; then
+    if [ -z "${NEW_INPUTS:-}" ]; then JOBS+=(inputs@new); elif [ -z "${NEW_SASREC_TESTS:-}" ]; then JOBS+=(sasrec@new); fi
+  fi
   for variant in "${TESTED[@]}"; do
     if [ "$(baseline_of "${INPUTS_OF[$variant]:-llm}")" = llm ] && [ -z "${SASREC_TESTS:-}" ]; then JOBS+=(sasrec@llm); break; fi
   done
@@ -351,6 +365,13 @@ if phase seeds || phase refinement || phase ddp-quality; then
       # this session's, kept in OUT: a later session runs its variants on the very same SASRec and SIDs
       # (SEEDS_INPUTS=<them unpacked>)
       [ -n "${SEEDS_INPUTS:-}" ] || tar -czf "$OUT/inputs.tgz" -C runs/seeds-inputs/llm prepare fit-collab assign-sids
+    ) &
+  fi
+  if [ -n "${READ[new]:-}" ] && [ -n "${NEW_INPUTS:-}" ]; then
+    (  # an earlier session's new-item inputs, once unpacked
+      wait_for "$NEW_INPUTS/assign-sids/manifest.json"
+      publish_prepare new "$NEW_INPUTS"
+      publish new "$NEW_INPUTS" prepare fit-collab assign-sids
     ) &
   fi
   SUMMARIES=()
