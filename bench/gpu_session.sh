@@ -18,8 +18,9 @@
 #                   seed 42, as the queue's fusion runs train (no time cap), then `mmrec test`: its whole-run tokens/s
 #                   and quality, to hold against the same config's one-GPU run on the same llm inputs in the same
 #                   session (the queue's first job, shipped@42@test). With 4 GPUs or more it runs first on the last
-#                   two, whose workers start after it; on fewer, first on GPUs 0 and 1 before any worker starts,
-#                   unless the pipeline phase holds GPU 0 (then after everything else);
+#                   two, whose workers start after it; on fewer, first on GPUs 0 and 1, then the one-GPU run on GPU
+#                   0, both alone, before any worker starts, unless the pipeline phase holds GPU 0 (then after
+#                   everything else);
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase and each job started; OUT/done marks the end.
 #
@@ -378,10 +379,13 @@ if phase seeds || phase refinement || phase ddp-quality; then
   for variant in "${TESTED[@]}"; do summarise "$variant" & SUMMARIES+=($!); done
   stamp "job queue on $NGPU GPUs: ${JOBS[*]}"
   # the DDP run takes the last two GPUs first where there are 4 or more; on fewer, GPUs 0 and 1 before any worker
-  # (a throughput figure wants them to itself) unless the timed pipeline holds GPU 0: then after the queue
+  # (a throughput figure wants them to itself), then its one-GPU reference on GPU 0, alone too (beside another
+  # job it would train slower, which flatters the ratio), unless the timed pipeline holds GPU 0: then after the queue
   WORKERS=$NGPU DDP_AFTER=
   if phase ddp-quality; then
-    if [ "$NGPU" -ge 4 ]; then WORKERS=$((NGPU - 2)); elif [ -z "$pipeline" ]; then ddp_job 0,1; else DDP_AFTER=1; fi
+    if [ "$NGPU" -ge 4 ]; then WORKERS=$((NGPU - 2))
+    elif [ -z "$pipeline" ]; then ddp_job 0,1 && mkdir "$QUEUE/shipped@42@test" && run_job 0 shipped@42@test
+    else DDP_AFTER=1; fi
   fi
   for ((gpu = 1; gpu < WORKERS; gpu++)); do worker "$gpu" & done
   if [ "$WORKERS" -lt "$NGPU" ]; then
