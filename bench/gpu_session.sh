@@ -149,6 +149,10 @@ if phase seeds || phase refinement || phase ddp-quality; then
     [cold-start-full-tuple]="--config configs/cold-start/fit-recommender.yaml|--model.sid_scheme full_tuple"
     # issue 14 against TIGER: trained to convergence (up to 16 epochs, early stopping, a 9-minute cap)
     [generative-long]="--config configs/beauty/fit-recommender-generative-long.yaml"
+    # its next candidates (issue 14's levers for the generative head), to be chosen on validation: SID token rows
+    # at random instead of from the codebooks; each history SID followed by the start of the item's title (LC-Rec)
+    [generative-long-random-init]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.code_init random"
+    [generative-long-titles]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.with_titles true"
     # issue 16: text SIDs, since no new item has a collab SID, and `mmrec test --slices true` refuses a model that
     # cannot write some of the targets
     [new-items-generative]="--model.init_args.sid_modality text"
@@ -156,7 +160,8 @@ if phase seeds || phase refinement || phase ddp-quality; then
     [ddp]="--config configs/strategies/fit-recommender-ddp.yaml|--trainer.devices 2"
   )
   # a variant's head where it is not the fusion head, and its inputs where they are not llm
-  declare -A HEAD_OF=([generative-long]=generative [new-items-generative]=generative)
+  declare -A HEAD_OF=([generative-long]=generative [generative-long-random-init]=generative
+    [generative-long-titles]=generative [new-items-generative]=generative)
   declare -A INPUTS_OF=([mse-quantizer]=mse [cold-start]=new [cold-start-prefix-ngram]=new [cold-start-all-bigrams]=new
     [cold-start-full-tuple]=new [new-items-generative]=new)
   declare -A CONFIG_OF=([fusion]=$FUSION [generative]=configs/beauty/fit-recommender-generative.yaml)
