@@ -150,9 +150,10 @@ if phase seeds || phase refinement || phase ddp-quality; then
     # issue 14 against TIGER: trained to convergence (up to 16 epochs, early stopping, a 9-minute cap)
     [generative-long]="--config configs/beauty/fit-recommender-generative-long.yaml"
     # its next candidates (issue 14's levers for the generative head), to be chosen on validation: SID token rows
-    # at random instead of from the codebooks; each history SID followed by the start of the item's title (LC-Rec)
+    # at random instead of from the codebooks; each history SID followed by the first 6 tokens of the item's title
+    # (LC-Rec), some 1.8x the prompt tokens, so half the batch (the shipped batch peaks at 87 GiB of one H200)
     [generative-long-random-init]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.code_init random"
-    [generative-long-titles]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.with_titles true"
+    [generative-long-titles]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.with_titles true|--model.init_args.title_tokens 6|--data.batch_size 512"
     # issue 16: text SIDs, since no new item has a collab SID, and `mmrec test --slices true` refuses a model that
     # cannot write some of the targets
     [new-items-generative]="--model.init_args.sid_modality text"
