@@ -320,10 +320,17 @@ if phase seeds || phase refinement || phase ddp-quality; then
     stamp "ddp-quality on GPUs $1"
     local args
     mapfile -t args < <(bench_args ddp test)
-    CUDA_VISIBLE_DEVICES=$1 python3 bench/bench_seeds.py "${args[@]}" --seeds 42 --results "$OUT/RESULTS-ddp.md" \
-      >"$OUT/ddp-quality.log" 2>&1
+    CUDA_VISIBLE_DEVICES=$1 fresh_caches ddp python3 bench/bench_seeds.py "${args[@]}" --seeds 42 \
+      --results "$OUT/RESULTS-ddp.md" >"$OUT/ddp-quality.log" 2>&1
     stamp "ddp-quality done (exit $?)"
     keep_manifest runs/seeds/ddp/seed42 ddp-42-test
+  }
+  fresh_caches() {  # NAME COMMAND...: COMMAND with compile caches of its own, empty, as on a new machine: the DDP
+    # run and its one-GPU reference each compile from nothing (a reference reusing the DDP run's compiled graphs
+    # would start faster and understate the ratio's cost of compiling on two GPUs at once)
+    local dir=/tmp/fresh-caches/$1
+    shift
+    rm -rf "$dir" && TORCHINDUCTOR_CACHE_DIR=$dir/inductor TRITON_CACHE_DIR=$dir/triton "$@"
   }
   worker() {  # GPU: its jobs, until the queue has none left
     local job
@@ -390,7 +397,7 @@ if phase seeds || phase refinement || phase ddp-quality; then
   WORKERS=$NGPU DDP_AFTER=
   if phase ddp-quality; then
     if [ "$NGPU" -ge 4 ]; then WORKERS=$((NGPU - 2))
-    elif [ -z "$pipeline" ]; then ddp_job 0,1 && mkdir "$QUEUE/shipped@42@test" && run_job 0 shipped@42@test
+    elif [ -z "$pipeline" ]; then ddp_job 0,1 && mkdir "$QUEUE/shipped@42@test" && fresh_caches shipped run_job 0 shipped@42@test
     else DDP_AFTER=1; fi
   fi
   for ((gpu = 1; gpu < WORKERS; gpu++)); do worker "$gpu" & done
