@@ -21,6 +21,7 @@ folder already exists is not run again, so a benchmark longer than one device ca
 from __future__ import annotations
 
 import argparse
+import itertools
 import shutil
 import statistics
 import time
@@ -84,7 +85,9 @@ def compare_table(args: argparse.Namespace, folders: list[Path]) -> list[str]:
     """``mmrec compare`` of the baseline's seeds with these seeds, as Markdown."""
     baseline = [test_folder(run, args.baseline_model or args.model, args.split) for run in args.baseline_runs]
     output = args.runs / f"compare-{baseline[0].name}-vs-{folders[0].name}.json"
-    mmrec("compare", "--baseline", *map(str, baseline), "--candidate", *map(str, folders), "--output", str(output))
+    sliced = tested_by_slice(args)
+    mmrec("compare", "--baseline", *map(str, baseline), "--candidate", *map(str, folders), "--output", str(output),
+          *(["--slices", "true"] if sliced else []))
     result = read_json(output)
     comparison = result["comparisons"][0]
     rows = [
@@ -102,7 +105,19 @@ def compare_table(args: argparse.Namespace, folders: list[Path]) -> list[str]:
         p = ["n/a" if x is None else f"{x:.3g}" for x in (s["p_ttest"], s["p_wilcoxon"])]
         rows.append(f"| {name} | {base} | {cand} | {s['difference']:+.4f} | [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] "
                     f"| {relative} | {p[0]} | {p[1]} |")
+    for slice_name, part in comparison.get("slices", {}).items():
+        for name, s in part["metrics"].items():
+            relative = "n/a" if s["relative"] is None else f"{s['relative']:+.1%}"
+            p = ["n/a" if x is None else f"{x:.3g}" for x in (s["p_ttest"], s["p_wilcoxon"])]
+            rows.append(f"| {slice_name} ({part['n_users']:,} users) / {name} | {s['baseline']:.4f} | {s['candidate']:.4f} "
+                        f"| {s['difference']:+.4f} | [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {relative} | {p[0]} | {p[1]} |")
     return rows
+
+
+def tested_by_slice(args: argparse.Namespace) -> bool:
+    """Whether the seeds were tested with ``--slices true``: their comparison then goes slice by slice too."""
+    words = option_words(args.test_option)
+    return any(word == "--slices" and following == "true" for word, following in itertools.pairwise(words))
 
 
 def section(args: argparse.Namespace, folders: list[Path]) -> str:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from mmrec.artifacts.schemas import PREDICTIONS, write_table
+from mmrec.artifacts.schemas import PREDICTIONS, SLICE_MEMBERS, write_table
 from mmrec.cli import main as mmrec
 from mmrec.errors import InputError
 from mmrec.evaluation.compare import compare
@@ -23,8 +23,10 @@ NUM_USERS = 200
 def write_folder(
     path: Path, ranks: np.ndarray, split: str = "test", mask_history: bool = False, k: tuple[int, ...] = (5, 10, 20),
     items_sha256: str = "items-hash", users: np.ndarray | None = None, catalog_sha256: str | None = None,
+    slices: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """A test folder whose target sits at ``ranks[u]`` of user u's top-max(k) list (``inf``: not listed)."""
+    """A test folder whose target sits at ``ranks[u]`` of user u's top-max(k) list (``inf``: not listed);
+    with ``slices`` ({name: user_idx}), its ``slices.parquet`` too."""
     users = np.arange(len(ranks)) if users is None else users
     width = max(k)
     targets = users % 40
@@ -49,6 +51,10 @@ def write_folder(
     (path / "metrics.json").write_text(json.dumps(document))
     table = pa.table({"user_idx": users, "target": targets, "items": item_lists, "scores": scores})
     write_table(table, path / "predictions.parquet", PREDICTIONS)
+    if slices is not None:
+        members = {"user_idx": np.concatenate(list(slices.values())).astype(np.int32),
+                   "slice": [name for name, users_of in slices.items() for _ in users_of]}
+        write_table(pa.table(members), path / "slices.parquet", SLICE_MEMBERS)
     return path
 
 
@@ -159,3 +165,36 @@ def test_real_test_folders_pass_the_cross_check(tiny_run: Path) -> None:
     shutil.copytree(folder, tiny_run / "test" / "copy-test")
     result = compare([folder], [[tiny_run / "test" / "copy-test"]], k=20, resamples=100)
     assert result["n_users"] == 60 and result["comparisons"][0]["metrics"]["ndcg@20"]["p_wilcoxon"] == 1.0
+
+
+TWO_SLICES = {"head": np.arange(0, 120), "tail": np.arange(120, NUM_USERS)}
+
+
+def test_a_slice_is_compared_as_its_users_alone_would_be(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base, better = random_ranks(1, 0.3), random_ranks(2, 0.6)
+    write_folder(tmp_path / "all" / "a-test", base, slices=TWO_SLICES)
+    write_folder(tmp_path / "all" / "b-test", better, slices=TWO_SLICES)
+    tail = TWO_SLICES["tail"]
+    write_folder(tmp_path / "tail" / "a-test", base[tail], users=tail)
+    write_folder(tmp_path / "tail" / "b-test", better[tail], users=tail)
+    assert mmrec(["compare", str(tmp_path / "all" / "a-test"), str(tmp_path / "all" / "b-test"), "--slices", "true",
+                  "--bootstrap", "200"]) == 0
+    assert "by slice: b-test against a-test" in capsys.readouterr().out
+    sliced = json.loads(next((tmp_path / "all").glob("compare-*.json")).read_text())["comparisons"][0]["slices"]
+    alone = compare([tmp_path / "tail" / "a-test"], [[tmp_path / "tail" / "b-test"]], resamples=200)
+    assert sliced["tail"] == {"n_users": len(tail), "metrics": alone["comparisons"][0]["metrics"]}
+    assert sliced["head"]["n_users"] == 120
+
+
+def test_slices_must_be_there_and_alike(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ranks = random_ranks(1, 0.3)
+    a = write_folder(tmp_path / "a-test", ranks, slices=TWO_SLICES)
+    plain = write_folder(tmp_path / "plain-test", ranks)
+    other = write_folder(tmp_path / "other-test", ranks, slices={"head": np.arange(0, 100), "tail": np.arange(100, NUM_USERS)})
+    for folder, expected in ((plain, "no slices.parquet"), (other, "slice the users differently")):
+        assert mmrec(["compare", str(a), str(folder), "--slices", "true"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and expected in err
+    assert not list(tmp_path.glob("compare-*.json"))
+    assert compare([a], [[plain]], resamples=10)["n_users"] == NUM_USERS  # without --slices nothing is read of them
+

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from mmrec.artifacts.schemas import SLICE_MEMBERS, read_table
 from mmrec.cli import main as mmrec
 from mmrec.data.datamodules import SequenceDataModule
 from mmrec.errors import InputError
@@ -125,6 +126,9 @@ def test_mmrec_test_slices_match_the_overall_metric_restricted_to_their_users(
         loader = DataLoader(Subset(data.eval_dataset("test"), members.tolist()), batch_size=16, collate_fn=data.collate)
         alone = evaluate(model, loader, data.prepared.num_items, k=[5, 10, 20])
         assert slices[name] == pytest.approx({**alone.metrics, "users": len(members)}), name
+    written = read_table(tiny_run / "test" / "popularity-test" / "slices.parquet", SLICE_MEMBERS).to_pandas()
+    assert {name: sorted(group.user_idx) for name, group in written.groupby("slice")} == {
+        name: members.tolist() for name, members in spec.members.items() if len(members)}
 
 
 @pytest.mark.parametrize("option", [

@@ -89,6 +89,16 @@ PREDICTIONS = _schema(
 )
 """One row per evaluated user: the target item and the top-K items with their scores, best first."""
 
+SLICE_MEMBERS = _schema(
+    "slice_members",
+    [
+        pa.field("user_idx", pa.int32(), nullable=False),
+        pa.field("slice", pa.string(), nullable=False),
+    ],
+)
+"""``mmrec test --slices true``: one row per evaluated user and slice it belongs to (a popularity slice of its
+target and a history-length bucket), so that ``mmrec compare --slices true`` pairs users within a slice."""
+
 RECOMMENDATIONS = _schema(
     "recommendations",
     [

@@ -12,6 +12,10 @@ the listed top items; a target outside the list earns 0), and their means must e
 Several seeds of one model are several folders; a side of several folders is tested on the per-user metric
 averaged over its seeds, and each seed's mean is reported as well.
 
+With ``slices``, the same tests run within each slice of ``mmrec test --slices true`` (the users of its
+``slices.parquet``: target popularity head / torso / tail, new targets, history-length buckets), which must
+hold the same users in every folder: whether a model's gain on the tail or on new items is more than noise.
+
 Folders must come from the same data: the same interactions, and the same items table or, where the items
 tables differ in content alone (a text ablation: ``prepare --text.refine.enabled true``, another text
 template), the same catalog (``catalog_sha256``, the item ids in index order), since the content is a model
@@ -32,7 +36,7 @@ import numpy as np
 import torch
 from scipy import stats
 
-from mmrec.artifacts.schemas import PREDICTIONS, read_table
+from mmrec.artifacts.schemas import PREDICTIONS, SLICE_MEMBERS, read_table
 from mmrec.errors import InputError
 from mmrec.metrics.ranking import list_ranks
 
@@ -59,6 +63,16 @@ class TestFolder:
     users: np.ndarray
     targets: np.ndarray
     ranks: np.ndarray
+
+    def slice_members(self) -> dict[str, np.ndarray]:
+        """``{slice: sorted user_idx}`` from ``slices.parquet``, in the order the slices were written."""
+        path = self.path / "slices.parquet"
+        if not path.is_file():
+            raise InputError(f"{self.path}: no slices.parquet; test with `mmrec test --slices true` to compare by slice")
+        table = read_table(path, SLICE_MEMBERS)
+        names = table.column("slice").to_numpy(zero_copy_only=False)
+        users = table.column("user_idx").to_numpy()
+        return {name: np.sort(users[names == name]) for name in dict.fromkeys(names)}
 
     def per_user(self, k: int) -> dict[str, np.ndarray]:
         """Per-user ``recall@k`` and ``ndcg@k``, in user order."""
@@ -204,11 +218,23 @@ def side_summary(folders: Sequence[TestFolder], k: int) -> tuple[dict[str, Any],
     return summary, averaged
 
 
+def common_slices(first: TestFolder, others: Sequence[TestFolder]) -> dict[str, np.ndarray]:
+    """The slices of ``first`` as positions into its users; every other folder must slice the users alike."""
+    members = first.slice_members()
+    for other in others:
+        theirs = other.slice_members()
+        if theirs.keys() != members.keys() or any(not np.array_equal(members[n], theirs[n]) for n in members):
+            raise InputError(f"{first.path} and {other.path} slice the users differently (slices.parquet); "
+                             "test both with the same --slice_shares and --history_buckets")
+    return {name: np.searchsorted(first.users, users) for name, users in members.items()}
+
+
 def compare(
     baseline: Sequence[str | Path], candidates: Sequence[Sequence[str | Path]], k: int | None = None,
-    resamples: int = 10_000, seed: int = 0,
+    resamples: int = 10_000, seed: int = 0, slices: bool = False,
 ) -> dict[str, Any]:
-    """Compare each candidate side with the baseline side; each side is one folder or several seeds of one model."""
+    """Compare each candidate side with the baseline side; each side is one folder or several seeds of one model;
+    with ``slices``, also within each slice of the users (each comparison's ``"slices"``)."""
     if not baseline or not candidates or not all(candidates):
         raise InputError("give at least two test folders: a baseline and a candidate")
     if resamples < 1:
@@ -221,12 +247,21 @@ def compare(
     k = choose_k(first, k)
     for folder in [*base, *(folder for side in sides for folder in side)]:
         cross_check(folder, k)
+    positions = common_slices(first, [*base[1:], *(folder for side in sides for folder in side)]) if slices else {}
     base_summary, base_values = side_summary(base, k)
     comparisons = []
     for side in sides:
         summary, values = side_summary(side, k)
         metrics = {name: paired_statistics(base_values[name], values[name], resamples, seed) for name in base_values}
-        comparisons.append({"candidate": summary, "metrics": metrics})
+        comparison: dict[str, Any] = {"candidate": summary, "metrics": metrics}
+        if slices:
+            comparison["slices"] = {
+                name: {"n_users": len(rows), "metrics": {
+                    metric: paired_statistics(base_values[metric][rows], values[metric][rows], resamples, seed)
+                    for metric in base_values} if len(rows) else {}}
+                for name, rows in positions.items()
+            }
+        comparisons.append(comparison)
     return {
         "split": first.document["split"],
         "protocol": {key: first.document["protocol"].get(key) for key in PROTOCOL_KEYS},
@@ -239,15 +274,17 @@ def compare(
     }
 
 
+def format_p(x: float | None) -> str:
+    """A p-value as the tables print it."""
+    return "n/a" if x is None else f"{x:.2g}" if x < 1e-3 else f"{x:.3f}"
+
+
 def format_comparison(result: dict[str, Any]) -> str:
     """The console table: each metric of the baseline, then each candidate's difference with its evidence."""
 
     def value(side: dict[str, Any], name: str) -> str:
         seeds = len(side["folders"])
         return f"{side['mean'][name]:.4f}" + (f" ± {side['std'][name]:.4f}" if seeds > 1 else "")
-
-    def p(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.2g}" if x < 1e-3 else f"{x:.3f}"
 
     masked = "history masked" if result["protocol"]["mask_history"] else "history not masked"
     seeds = len(result["baseline"]["folders"])
@@ -266,6 +303,26 @@ def format_comparison(result: dict[str, Any]) -> str:
             interval = f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]"
             rows.append(f"{'':<10}  {'  ' + comparison['candidate']['label']:<{width}}  "
                         f"{value(comparison['candidate'], name):>17}  {s['difference']:+8.4f}  {interval:>19}  "
-                        f"{relative:>7}  {p(s['p_ttest']):>6}  {p(s['p_wilcoxon']):>11}")
+                        f"{relative:>7}  {format_p(s['p_ttest']):>6}  {format_p(s['p_wilcoxon']):>11}")
     rows.append("* baseline; diff = candidate - baseline, rel = diff / baseline; p-values two-sided")
+    for comparison in result["comparisons"]:
+        if "slices" in comparison:
+            rows.extend(["", format_slices(result["baseline"]["label"], comparison)])
+    return "\n".join(rows)
+
+
+def format_slices(baseline: str, comparison: dict[str, Any]) -> str:
+    """One comparison's figures slice by slice: each side's mean (over seeds), the difference and its evidence."""
+
+    rows = [f"by slice: {comparison['candidate']['label']} against {baseline}",
+            (f"{'slice':<13}  {'users':>6}  {'metric':<10}  {'baseline':>8}  {'candidate':>9}  {'diff':>8}  "
+             f"{'95% CI':>19}  {'rel':>7}  {'p(t)':>6}")]
+    for name, part in comparison["slices"].items():
+        if not part["metrics"]:
+            rows.append(f"{name:<13}  {part['n_users']:>6}  (no users)")
+        for metric, s in part["metrics"].items():
+            relative = "n/a" if s["relative"] is None else f"{s['relative']:+.1%}"
+            interval = f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]"
+            rows.append(f"{name:<13}  {part['n_users']:>6}  {metric:<10}  {s['baseline']:>8.4f}  {s['candidate']:>9.4f}  "
+                        f"{s['difference']:+8.4f}  {interval:>19}  {relative:>7}  {format_p(s['p_ttest']):>6}")
     return "\n".join(rows)

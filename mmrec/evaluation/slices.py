@@ -111,6 +111,15 @@ class SliceSpec:
             )
         return cls(members, (float(shares[0]), float(shares[1])), tuple(int(b) for b in history_buckets))
 
+    def membership(self, users: np.ndarray) -> dict[str, np.ndarray]:
+        """``{"user_idx": ..., "slice": ...}`` columns: one row per user of ``users`` and slice it belongs to,
+        slice by slice in :attr:`members` order (``slices.parquet`` of a test folder)."""
+        rows = [(members[np.isin(members, users)], name) for name, members in self.members.items()]
+        return {
+            "user_idx": np.concatenate([np.asarray(users_of, dtype=np.int32) for users_of, _ in rows]),
+            "slice": np.array([name for users_of, name in rows for _ in users_of], dtype=object),
+        }
+
     def record(self) -> dict[str, object]:
         """How the slices were cut, for ``metrics.json``'s protocol."""
         return {

@@ -34,7 +34,7 @@ def default_output(baseline: list[str], candidates: list[list[str]]) -> Path:
 
 def compare(
     folders: list[str], baseline: list[str], candidate: list[str], k: int | None = None, bootstrap: int = 10_000,
-    seed: int = 0, output: str | None = None,
+    seed: int = 0, slices: bool = False, output: str | None = None,
 ) -> dict[str, Any]:
     """Paired significance of each candidate against the baseline.
 
@@ -45,6 +45,7 @@ def compare(
         k: cutoff of Recall@K and NDCG@K; default 10 when the folders measured it, else their largest K.
         bootstrap: paired bootstrap resamples for the 95% confidence interval.
         seed: seed of the bootstrap resampling, so the interval is reproducible.
+        slices: also compare within each slice of the users (folders tested with ``mmrec test --slices true``).
         output: JSON file to write; default ``<first folder's parent>/compare-<names>.json``.
     """
     if folders and (baseline or candidate):
@@ -52,7 +53,7 @@ def compare(
     if (baseline or candidate) and not (baseline and candidate):
         raise InputError("--baseline and --candidate go together, each with one or more test folders")
     base, sides = (baseline, [candidate]) if baseline else (folders[:1], [[folder] for folder in folders[1:]])
-    result = compare_folders(base, sides, k, bootstrap, seed)
+    result = compare_folders(base, sides, k, bootstrap, seed, slices)
     path = Path(output) if output else default_output(base, sides)
     with atomic_file(path) as partial:
         partial.write_text(json.dumps(result, indent=2) + "\n")
@@ -73,5 +74,5 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str]) -> None:
     config = parse_or_refuse(build_parser(), argv, "compare")
-    options = {key: config[key] for key in ("baseline", "candidate", "k", "bootstrap", "seed", "output")}
+    options = {key: config[key] for key in ("baseline", "candidate", "k", "bootstrap", "seed", "slices", "output")}
     compare(config.get("folders") or [], **options)  # positional folders are SUPPRESSed when absent, so a config's list survives

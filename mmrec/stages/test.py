@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 from jsonargparse import auto_cli
 from lightning.fabric import Fabric
 
 from mmrec.artifacts import Manifest, stage_output, write_table
-from mmrec.artifacts.schemas import PREDICTIONS
+from mmrec.artifacts.schemas import PREDICTIONS, SLICE_MEMBERS
 from mmrec.errors import InputError
 from mmrec.evaluation.evaluate import evaluate, merge, split_loader
 from mmrec.evaluation.protocol import PartialCatalog, checkpoint_of
@@ -167,6 +168,10 @@ def test(
         write_table(evaluation.predictions, out / "predictions.parquet", PREDICTIONS)
         manifest.add_output("metrics", out / "metrics.json")
         manifest.add_output("predictions", out / "predictions.parquet", rows=evaluation.n_users)
+        if spec is not None:  # for `mmrec compare --slices true`: which users each slice holds
+            members = pa.table(spec.membership(evaluation.predictions.column("user_idx").to_numpy()))
+            write_table(members, out / "slices.parquet", SLICE_MEMBERS)
+            manifest.add_output("slices", out / "slices.parquet", rows=members.num_rows)
     print(format_table(document))
     print(f"wrote {Path(run_dir) / STAGE / name} ({document['wall_time_s']:.1f} s)")
     return document
