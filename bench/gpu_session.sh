@@ -313,6 +313,26 @@ if phase seeds || phase refinement || phase ddp-quality; then
     python3 bench/bench_seeds.py "${args[@]}" --seeds $SEEDS "${compare[@]}" --results "$OUT/RESULTS.md" \
       >"$OUT/seeds-summary-$variant.log" 2>&1
     stamp "seeds: $variant summarised (exit $?; against $against)"
+    local other
+    case $variant in
+      cold-start) for other in "${TESTED[@]}"; do [[ $other == cold-start-* ]] && compare_scheme "$other"; done ;;
+      cold-start-*) compare_scheme "$variant" ;;
+    esac
+    return 0
+  }
+  compare_scheme() {  # VARIANT (cold-start-*): issue 16's question, its seeds against `sum`'s (cold-start), paired,
+    # slice by slice; once, when both are done (each side's summary asks: whichever ends last does it)
+    local variant=$1 seed baseline=() candidate=()
+    seeds_done runs/seeds/cold-start fusion $SEEDS && seeds_done "runs/seeds/$variant" fusion $SEEDS || return 0
+    mkdir "$QUEUE/compare-$variant" 2>/dev/null || return 0
+    for seed in $SEEDS; do
+      baseline+=("runs/seeds/cold-start/seed$seed/test/fusion-test")
+      candidate+=("runs/seeds/$variant/seed$seed/test/fusion-test")
+    done
+    { echo; echo "## $variant against cold-start (sum), test split, seeds $SEEDS, by slice"; echo; echo '```'
+      python3 -m mmrec.cli compare --baseline "${baseline[@]}" --candidate "${candidate[@]}" --slices true \
+        --output "runs/seeds/compare-cold-start-vs-$variant.json" 2>&1
+      echo '```'; } >>"$OUT/RESULTS-schemes.md"
   }
   ddp_job() {  # GPUS ("2,3"): the shipped fusion config under DDP on those two, seed 42 of the llm inputs, tested
     wait_for runs/seeds-inputs/llm.ready
