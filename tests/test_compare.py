@@ -191,10 +191,13 @@ def test_slices_must_be_there_and_alike(tmp_path: Path, capsys: pytest.CaptureFi
     a = write_folder(tmp_path / "a-test", ranks, slices=TWO_SLICES)
     plain = write_folder(tmp_path / "plain-test", ranks)
     other = write_folder(tmp_path / "other-test", ranks, slices={"head": np.arange(0, 100), "tail": np.arange(100, NUM_USERS)})
+    stray = write_folder(tmp_path / "stray-test", ranks, slices={"head": np.arange(0, 100), "tail": np.arange(100, NUM_USERS + 5)})
     for folder, expected in ((plain, "no slices.parquet"), (other, "slice the users differently")):
         assert mmrec(["compare", str(a), str(folder), "--slices", "true"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and expected in err
+    assert mmrec(["compare", str(stray), str(stray), "--slices", "true"]) == 2
+    assert "that predictions.parquet does not hold" in capsys.readouterr().err
     assert not list(tmp_path.glob("compare-*.json"))
     assert compare([a], [[plain]], resamples=10)["n_users"] == NUM_USERS  # without --slices nothing is read of them
 

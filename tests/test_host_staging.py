@@ -102,3 +102,18 @@ def test_a_failed_write_hands_its_set_back(tmp_path: Path) -> None:
     done = threading.Event()  # a next copy must not hang on the failed write's set
     threading.Thread(target=lambda: (io_.staging.stage(checkpoint(torch.tensor(2))), done.set()), daemon=True).start()
     assert done.wait(5)
+
+
+def test_a_copy_that_fails_hands_its_set_back() -> None:
+    staging = HostStaging(sets=1)
+
+    class Unreadable(torch.Tensor):
+        def detach(self) -> torch.Tensor:
+            raise RuntimeError("cannot read")
+
+    with pytest.raises(RuntimeError, match="cannot read"):
+        staging.stage({"w": torch.zeros(2).as_subclass(Unreadable)})
+    done = threading.Event()
+    threading.Thread(target=lambda: (staging.stage({"w": torch.zeros(2)}), done.set()), daemon=True).start()
+    assert done.wait(5)
+

@@ -226,6 +226,9 @@ def common_slices(first: TestFolder, others: Sequence[TestFolder]) -> dict[str, 
         if theirs.keys() != members.keys() or any(not np.array_equal(members[n], theirs[n]) for n in members):
             raise InputError(f"{first.path} and {other.path} slice the users differently (slices.parquet); "
                              "test both with the same --slice_shares and --history_buckets")
+    stray = [name for name, users in members.items() if not np.isin(users, first.users).all()]
+    if stray:
+        raise InputError(f"{first.path}: slices.parquet puts users in {stray} that predictions.parquet does not hold")
     return {name: np.searchsorted(first.users, users) for name, users in members.items()}
 
 

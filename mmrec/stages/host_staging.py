@@ -2,11 +2,11 @@
 
 A background write must not read tensors that training goes on changing, so the training thread first takes a
 copy. Copying a fully fine-tuned LLM head with its AdamW state (some 1.7 GB) into freshly allocated pageable
-memory costs that thread about a second (allocation, page faults, a DMA staged through the driver's own
-buffer), and the stages save twice after most validations (the new best checkpoint and ``last.ckpt``). On
-Beauty's fusion head that put some 2 s between every two epochs, on one GPU as on two (``bench/RESULTS.md``,
-session 11), a third of every epoch under DDP. Buffers allocated once, page-locked when the tensors are on a
-GPU, and reused turn each copy into one DMA at the link's speed.
+memory costs that thread time (allocation, page faults, a DMA staged through the driver's own buffer), and
+the stages save twice after most validations (the new best checkpoint and ``last.ckpt``). Beauty's fusion head
+lost some 2 s between every two epochs, on one GPU as on two, a third of every epoch under DDP
+(``bench/RESULTS.md``, session 11); these copies are the likeliest part of it. Buffers allocated once,
+page-locked when the tensors are on a GPU, and reused turn each copy into one DMA at the link's speed.
 
 A set of buffers is reused only when the write that reads it is done: :meth:`HostStaging.stage` waits for a
 free set when all ``sets`` are being written (back-pressure: checkpoints cannot be taken faster than the disk
@@ -81,7 +81,12 @@ class HostStaging:
     def stage(self, checkpoint: Any) -> tuple[Any, BufferSet]:
         """Copy ``checkpoint``'s tensors into a free set; return the copy and the set, which the writer must
         :meth:`release` once the copy is written (or has failed to be)."""
-        return (buffer_set := self._acquire()).fill(checkpoint), buffer_set
+        buffer_set = self._acquire()
+        try:
+            return buffer_set.fill(checkpoint), buffer_set
+        except BaseException:
+            self.release(buffer_set)  # no write will: the set would otherwise be lost to the pool
+            raise
 
     def release(self, buffer_set: BufferSet) -> None:
         """Hand a set back once nothing reads its buffers any more."""
