@@ -159,8 +159,13 @@ def test_fit_then_test_generative_end_to_end(sid_run: Path) -> None:
 
     assert mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", str(sid_run), "--model", "generative"]) == 0
     metrics = json.loads((sid_run / "test" / "generative-test" / "metrics.json").read_text())
-    assert metrics["protocol"]["ranking"].startswith("model's top-k list")
+    assert metrics["protocol"]["ranking"].startswith("model's top-k list") and metrics["protocol"]["num_beams"] == 20
     assert metrics["metrics"]["ndcg@10"] == pytest.approx(reference_ndcg(sid_run, "generative"), abs=1e-9)
+    # a wider beam search at test time, beside the model's own figures
+    assert mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", str(sid_run), "--model", "generative",
+                  "--num_beams", "40"]) == 0
+    wide = json.loads((sid_run / "test" / "generative-test-beams40" / "metrics.json").read_text())
+    assert wide["protocol"]["num_beams"] == 40 and (sid_run / "test" / "generative-test" / "metrics.json").is_file()
 
     exported, checkpointed = load(sid_run, None, torch.device("cpu")), load(sid_run, str(last), torch.device("cpu"))
     history = torch.tensor([[1, 2, 3, 4]])
@@ -183,3 +188,17 @@ def test_fit_then_test_generative_end_to_end(sid_run: Path) -> None:
     assert not torch.allclose(trained, initial)  # the SID rows were trained, and the export carries them
 
     assert mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", str(sid_run), "--model", "fusion"]) == 2
+
+
+@pytest.mark.parametrize(("model", "beams", "expected"), [
+    ("popularity", "30", "does not decode by beam search"),
+    ("generative", "0", "--num_beams must be at least 1"),
+])
+def test_a_beam_width_that_cannot_apply_is_one_line(
+    tiny_run: Path, model: str, beams: str, expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert mmrec(["test", "--run_dir", str(tiny_run), "--model", model, "--device", "cpu", "--num_beams", beams]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err
+    assert not (tiny_run / "test").exists()
+

@@ -4,7 +4,7 @@ Wiring only: the model comes from :mod:`mmrec.evaluation.registry`, the loop and
 :mod:`mmrec.evaluation`; ``--devices N`` starts N processes through Lightning Fabric's launcher (one GPU
 each, or CPU processes), each evaluating a shard of the users, and rank 0 writes. Writes ``metrics.json`` and ``predictions.parquet`` atomically to
 ``<run_dir>/test/<model>-<split>/`` (``<model>-<split>-masked/`` with ``--mask_history true``, so the two
-protocols never overwrite each other) and prints a table.
+protocols never overwrite each other; ``-beams<N>`` appended with ``--num_beams N``) and prints a table.
 """
 
 from __future__ import annotations
@@ -79,8 +79,17 @@ def unrankable_targets(
     return counts
 
 
-def output_name(model: str, split: str, mask_history: bool) -> str:
-    return f"{model}-{split}" + ("-masked" if mask_history else "")
+def output_name(model: str, split: str, mask_history: bool, num_beams: int | None = None) -> str:
+    """``<model>-<split>[-masked][-beams<N>]``: a beam-width sweep does not overwrite the model's own figures."""
+    return f"{model}-{split}" + ("-masked" if mask_history else "") + ("" if num_beams is None else f"-beams{num_beams}")
+
+
+def set_beam_width(recommender: object, model: str, num_beams: int) -> None:
+    """Decode with ``num_beams`` beams instead of the width the model was trained with; refused for a model
+    that does not decode by beam search."""
+    if not hasattr(recommender, "num_beams"):
+        raise InputError(f"--num_beams: --model {model} does not decode by beam search (the generative head does)")
+    recommender.num_beams = num_beams
 
 
 def test(
@@ -97,6 +106,7 @@ def test(
     slice_shares: list[float] = list(DEFAULT_SHARES),  # noqa: B006 (jsonargparse needs a literal default)
     history_buckets: list[int] = list(DEFAULT_HISTORY_BUCKETS),  # noqa: B006
     devices: int = 1,
+    num_beams: int | None = None,
 ) -> dict:
     """Evaluate a trained model: full-ranking Recall@K, NDCG@K and MRR on one split.
 
@@ -117,15 +127,21 @@ def test(
         history_buckets: lower bounds of the history length buckets (``[1, 5, 10]``: 1-4, 5-9, 10+).
         devices: processes that evaluate disjoint shards of the users (one GPU each with ``device``
             cuda, CPU processes with cpu); metrics are reduced over them and rank 0 writes the results.
+        num_beams: beams of a generative model's constrained beam search (default: its trained setting, 20 in
+            the shipped configs; at least max(k) are used); the results go to ``<model>-<split>-beams<N>``.
     """
     start = time.perf_counter()
     if slices:  # a bad specification fails before the model is loaded, not after a long evaluation
         check_spec(slice_shares, history_buckets)
+    if num_beams is not None and num_beams < 1:
+        raise InputError(f"--num_beams must be at least 1, got {num_beams}")
     torch_device = resolve_device(device)
     fabric = launch(devices, torch_device)
     if fabric is not None:
         torch_device = fabric.device
     recommender = load_recommender(model, run_dir, checkpoint, torch_device)
+    if num_beams is not None:
+        set_beam_width(recommender, model, num_beams)
     shard = None if fabric is None else (fabric.global_rank, fabric.world_size)
     loader, data = split_loader(run_dir, split, batch_size, shard)
     prepared = data.prepared
@@ -147,6 +163,7 @@ def test(
         prepared=prepared, model=model, checkpoint=checkpoint_of(recommender), split=split, k=k,
         mask_history=mask_history, evaluation=evaluation, device=torch_device, wall_time_s=time.perf_counter() - start,
         precision="bf16" if bf16 else "32", slices=spec, unrankable=unrankable,
+        num_beams=max(max(k), recommender.num_beams) if hasattr(recommender, "num_beams") else None,
     )
     if fabric is not None and fabric.global_rank != 0:  # rank 0 writes
         return document
@@ -155,14 +172,14 @@ def test(
         config={"run_dir": run_dir, "model": model, "split": split, "mask_history": mask_history, "k": k,
                 "batch_size": batch_size, "device": device, "checkpoint": checkpoint,
                 "precision": "bf16" if bf16 else "32", "slices": slices, "slice_shares": slice_shares,
-                "history_buckets": history_buckets, "devices": devices},
+                "history_buckets": history_buckets, "devices": devices, "num_beams": num_beams},
         extra={"metrics": evaluation.metrics},
     )
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
     source = checkpoint_of(recommender)
     if source is not None and source.is_file():
         manifest.add_input("checkpoint", source)
-    name = output_name(model, split, mask_history)
+    name = output_name(model, split, mask_history, num_beams)
     with stage_output(Path(run_dir) / STAGE, name, manifest) as out:
         (out / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
         write_table(evaluation.predictions, out / "predictions.parquet", PREDICTIONS)
