@@ -212,6 +212,33 @@ if phase seeds || phase refinement || phase ddp-quality; then
     CUDA_VISIBLE_DEVICES=$gpu python3 bench/bench_seeds.py "${args[@]}" --seeds "$seed" \
       --results "$OUT/RESULTS-seeds-single.md" >"$OUT/seeds-$variant-$seed-$split.log" 2>&1
     keep_manifest "runs/seeds/$variant$([ "$split" = valid ] && echo -valid)/seed$seed" "$variant-$seed-$split"
+    if [ "${HEAD_OF[$variant]:-fusion}" = generative ] && [ "$split" = valid ]; then
+      beam_sweep "$gpu" "runs/seeds/$variant-valid/seed$seed" "$variant-$seed"
+    fi
+  }
+  beam_sweep() {  # GPU RUN_DIR NAME: a trained generative model re-decoded on validation with BEAMS (default 10 50)
+    # beams beside its own (20): issue 14's beam-width lever, a few seconds each, no retraining; OUT/RESULTS-beams.md
+    local gpu=$1 run=$2 name=$3 beams folder
+    [ -f "$run/fit-recommender-generative/manifest.json" ] || return 0
+    for beams in own ${BEAMS:-10 50}; do
+      folder=$run/test/generative-valid
+      if [ "$beams" != own ]; then
+        folder+=-beams$beams
+        CUDA_VISIBLE_DEVICES=$gpu python3 -m mmrec.cli test --config configs/beauty/test.yaml --run_dir "$run" \
+          --model generative --split valid --batch_size 512 --num_beams "$beams" >>"$OUT/beams-$name.log" 2>&1
+      fi
+      python3 - "$folder/metrics.json" "$name" >>"$OUT/RESULTS-beams.md" <<'PY'
+import json, sys
+path, name = sys.argv[1:]
+try:
+    document = json.load(open(path))
+except OSError:
+    print(f"| {name} | {path} | failed | |")
+else:
+    metrics = document["metrics"]
+    print(f"| {name} | {document['protocol'].get('num_beams')} | {metrics['recall@10']:.4f} | {metrics['ndcg@10']:.4f} |")
+PY
+    done
   }
   keep_manifest() {  # RUN_DIR NAME: its LLM head's manifest (tokens/s, training seconds) in OUT at once, not only
     # in curves.tgz at the session's end, which a session cut short never reaches; nothing when the run failed
