@@ -29,6 +29,8 @@ from pathlib import Path
 
 from common import RESULTS, append_section, git_commit, machine, mmrec, option_words, read_json
 
+from mmrec.evaluation.compare import format_evidence
+
 SLICE_METRICS = ("recall@10", "ndcg@10")
 NOT_COPIED = ("test", "*.work", ".*", "pipeline.json", "report.html", "recommend")
 """Another run's results, checkpoints (a seed must not resume from them) and temporary folders."""
@@ -99,19 +101,20 @@ def compare_table(args: argparse.Namespace, folders: list[Path]) -> list[str]:
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, s in comparison["metrics"].items():
-        sides = [result["baseline"], comparison["candidate"]]
-        base, cand = (f"{side['mean'][name]:.4f} ± {side['std'][name]:.4f}" for side in sides)
-        relative = "n/a" if s["relative"] is None else f"{s['relative']:+.1%}"
-        p = ["n/a" if x is None else f"{x:.3g}" for x in (s["p_ttest"], s["p_wilcoxon"])]
-        rows.append(f"| {name} | {base} | {cand} | {s['difference']:+.4f} | [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] "
-                    f"| {relative} | {p[0]} | {p[1]} |")
+        base, cand = (f"{side['mean'][name]:.4f} ± {side['std'][name]:.4f}" for side in (result["baseline"], comparison["candidate"]))
+        rows.append(markdown_row(name, base, cand, s))
     for slice_name, part in comparison.get("slices", {}).items():
         for name, s in part["metrics"].items():
-            relative = "n/a" if s["relative"] is None else f"{s['relative']:+.1%}"
-            p = ["n/a" if x is None else f"{x:.3g}" for x in (s["p_ttest"], s["p_wilcoxon"])]
-            rows.append(f"| {slice_name} ({part['n_users']:,} users) / {name} | {s['baseline']:.4f} | {s['candidate']:.4f} "
-                        f"| {s['difference']:+.4f} | [{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}] | {relative} | {p[0]} | {p[1]} |")
+            rows.append(markdown_row(f"{slice_name} ({part['n_users']:,} users) / {name}", f"{s['baseline']:.4f}",
+                                     f"{s['candidate']:.4f}", s))
     return rows
+
+
+def markdown_row(label: str, baseline: str, candidate: str, statistics: dict) -> str:
+    """One metric's row of the comparison table: both sides, the difference and its evidence."""
+    relative, interval = format_evidence(statistics)
+    p = ["n/a" if x is None else f"{x:.3g}" for x in (statistics["p_ttest"], statistics["p_wilcoxon"])]
+    return f"| {label} | {baseline} | {candidate} | {statistics['difference']:+.4f} | {interval} | {relative} | {p[0]} | {p[1]} |"
 
 
 def tested_by_slice(args: argparse.Namespace) -> bool:

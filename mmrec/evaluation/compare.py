@@ -282,6 +282,12 @@ def format_p(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2g}" if x < 1e-3 else f"{x:.3f}"
 
 
+def format_evidence(statistics: dict[str, Any]) -> tuple[str, str]:
+    """A comparison's relative difference and 95% interval as the tables print them."""
+    relative = "n/a" if statistics["relative"] is None else f"{statistics['relative']:+.1%}"
+    return relative, f"[{statistics['ci95'][0]:+.4f}, {statistics['ci95'][1]:+.4f}]"
+
+
 def format_comparison(result: dict[str, Any]) -> str:
     """The console table: each metric of the baseline, then each candidate's difference with its evidence."""
 
@@ -302,8 +308,7 @@ def format_comparison(result: dict[str, Any]) -> str:
         rows.append(f"{name:<10}  {'* ' + labels[0]:<{width}}  {value(result['baseline'], name):>17}")
         for comparison in result["comparisons"]:
             s = comparison["metrics"][name]
-            relative = "n/a" if s["relative"] is None else f"{s['relative']:+.1%}"
-            interval = f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]"
+            relative, interval = format_evidence(s)
             rows.append(f"{'':<10}  {'  ' + comparison['candidate']['label']:<{width}}  "
                         f"{value(comparison['candidate'], name):>17}  {s['difference']:+8.4f}  {interval:>19}  "
                         f"{relative:>7}  {format_p(s['p_ttest']):>6}  {format_p(s['p_wilcoxon']):>11}")
@@ -324,8 +329,7 @@ def format_slices(baseline: str, comparison: dict[str, Any]) -> str:
         if not part["metrics"]:
             rows.append(f"{name:<13}  {part['n_users']:>6}  (no users)")
         for metric, s in part["metrics"].items():
-            relative = "n/a" if s["relative"] is None else f"{s['relative']:+.1%}"
-            interval = f"[{s['ci95'][0]:+.4f}, {s['ci95'][1]:+.4f}]"
+            relative, interval = format_evidence(s)
             rows.append(f"{name:<13}  {part['n_users']:>6}  {metric:<10}  {s['baseline']:>8.4f}  {s['candidate']:>9.4f}  "
                         f"{s['difference']:+8.4f}  {interval:>19}  {relative:>7}  {format_p(s['p_ttest']):>6}")
     return "\n".join(rows)

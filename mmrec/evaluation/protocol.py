@@ -63,6 +63,17 @@ class PartialCatalog(Protocol):
         """``[num_items]`` bool: True for every item the model can never put in a ranking."""
         ...
 
+@runtime_checkable
+class BeamSearch(Protocol):
+    """A model that decodes its list by beam search, whose width ``mmrec test --num_beams`` may change."""
+
+    num_beams: int
+
+    def beam_width(self, k: int) -> int:
+        """The beams a list of ``k`` items is decoded with."""
+        ...
+
+
 Loader = Callable[[Path, str | None, torch.device], AnyRecommender]
 """``loader(run_dir, checkpoint, device)``: build a trained model from ``run_dir`` (or from ``checkpoint``
 when given, overriding the run's default weights), on ``device`` and in evaluation mode."""

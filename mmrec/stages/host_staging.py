@@ -16,7 +16,6 @@ takes them), and the writer hands its set back with :meth:`HostStaging.release`.
 from __future__ import annotations
 
 import queue
-import threading
 from typing import Any
 
 import torch
@@ -75,13 +74,13 @@ class HostStaging:
             raise ValueError(f"sets must be at least 1, got {sets}")
         self.sets = sets
         self._free: queue.SimpleQueue[BufferSet] = queue.SimpleQueue()
-        self._made = 0
-        self._lock = threading.Lock()
+        for _ in range(sets):  # empty until a checkpoint fills them: nothing is allocated before the first save
+            self._free.put(BufferSet())
 
     def stage(self, checkpoint: Any) -> tuple[Any, BufferSet]:
         """Copy ``checkpoint``'s tensors into a free set; return the copy and the set, which the writer must
         :meth:`release` once the copy is written (or has failed to be)."""
-        buffer_set = self._acquire()
+        buffer_set = self._free.get()  # when every set is being written, the first to be done
         try:
             return buffer_set.fill(checkpoint), buffer_set
         except BaseException:
@@ -91,14 +90,3 @@ class HostStaging:
     def release(self, buffer_set: BufferSet) -> None:
         """Hand a set back once nothing reads its buffers any more."""
         self._free.put(buffer_set)
-
-    def _acquire(self) -> BufferSet:
-        try:
-            return self._free.get_nowait()
-        except queue.Empty:
-            pass
-        with self._lock:
-            if self._made < self.sets:
-                self._made += 1
-                return BufferSet()
-        return self._free.get()  # every set is being written: wait for the first to be done

@@ -26,7 +26,7 @@ from mmrec.artifacts import Manifest, stage_output, write_table
 from mmrec.artifacts.schemas import PREDICTIONS, SLICE_MEMBERS
 from mmrec.errors import InputError
 from mmrec.evaluation.evaluate import evaluate, merge, split_loader
-from mmrec.evaluation.protocol import PartialCatalog, checkpoint_of
+from mmrec.evaluation.protocol import BeamSearch, PartialCatalog, checkpoint_of
 from mmrec.evaluation.registry import load_recommender
 from mmrec.evaluation.report import format_table, metrics_document
 from mmrec.evaluation.slices import DEFAULT_HISTORY_BUCKETS, DEFAULT_SHARES, SliceSpec, check_spec
@@ -87,7 +87,7 @@ def output_name(model: str, split: str, mask_history: bool, num_beams: int | Non
 def set_beam_width(recommender: object, model: str, num_beams: int) -> None:
     """Decode with ``num_beams`` beams instead of the width the model was trained with; refused for a model
     that does not decode by beam search."""
-    if not hasattr(recommender, "num_beams"):
+    if not isinstance(recommender, BeamSearch):
         raise InputError(f"--num_beams: --model {model} does not decode by beam search (the generative head does)")
     recommender.num_beams = num_beams
 
@@ -163,7 +163,7 @@ def test(
         prepared=prepared, model=model, checkpoint=checkpoint_of(recommender), split=split, k=k,
         mask_history=mask_history, evaluation=evaluation, device=torch_device, wall_time_s=time.perf_counter() - start,
         precision="bf16" if bf16 else "32", slices=spec, unrankable=unrankable,
-        num_beams=max(max(k), recommender.num_beams) if hasattr(recommender, "num_beams") else None,
+        num_beams=recommender.beam_width(max(k)) if isinstance(recommender, BeamSearch) else None,
     )
     if fabric is not None and fabric.global_rank != 0:  # rank 0 writes
         return document

@@ -201,11 +201,14 @@ class GenerativeRecommender(LLMRecommenderBase):
         ``collab``: every item never seen in training, whose SASRec row is exported absent)."""
         return (self.item_codes < 0).any(dim=1)
 
+    def beam_width(self, k: int) -> int:
+        """``max(k, num_beams)``: a list of ``k`` distinct items needs at least ``k`` beams."""
+        return max(k, self.num_beams)
+
     def topk_batch(self, batch: dict[str, Tensor], k: int) -> tuple[Tensor, Tensor]:
-        """The ``k`` best distinct items per user by constrained beam search (``max(k, num_beams)`` beams)."""
-        beams = max(k, self.num_beams)
+        """The ``k`` best distinct items per user by constrained beam search (:meth:`beam_width` beams)."""
         with torch.no_grad():
-            items, scores = self.decode(batch["history"], batch["mask"], beams)
+            items, scores = self.decode(batch["history"], batch["mask"], self.beam_width(k))
         return items[:, :k], scores[:, :k]
 
     def decode(self, history: Tensor, mask: Tensor, num_beams: int) -> tuple[Tensor, Tensor]:
