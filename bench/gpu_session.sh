@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The unattended GPU session behind the device figures of bench/RESULTS.md (issues 13, 14, 16 and 18), on a
-# machine with two or four GPUs (the lent nvidia-h200-x2 or -x4). Every phase logs to OUT and the session goes on
+# machine with one, two or four GPUs (the lent nvidia-h200, -x2 or -x4). Every phase logs to OUT and the session goes on
 # when one fails:
 #   ddp-throughput  (not in the default list) both GPUs: the fusion head's tokens/s on 1 GPU, then under DDP on 2
 #                   (plain `--trainer.strategy ddp`, configs/strategies/fit-recommender-ddp.yaml, and that with a
@@ -18,9 +18,10 @@
 #                   seed 42, as the queue's fusion runs train (no time cap), then `mmrec test`: its whole-run tokens/s
 #                   and quality, to hold against the same config's one-GPU run on the same llm inputs in the same
 #                   session (the queue's first job, shipped@42@test). With 4 GPUs or more it runs first on the last
-#                   two, whose workers start after it; on fewer, first on GPUs 0 and 1, then the one-GPU run on GPU
-#                   0, both alone, before any worker starts, unless the pipeline phase holds GPU 0 (then after
-#                   everything else);
+#                   two, whose workers start after it; on two or three, first on GPUs 0 and 1, then the one-GPU run
+#                   on GPU 0, both alone, before any worker starts, unless the pipeline phase holds GPU 0 (then after
+#                   everything else); on one GPU only the one-GPU run, the queue's first job (its epoch-boundary and
+#                   checkpoint-staging seconds, which do not need a second GPU);
 #   fsdp            both GPUs (not in the default list): cost rows for Llama-3.2-1B and Llama-3-8B shapes.
 # OUT/session.log says when each phase and each job started; OUT/done marks the end.
 #
@@ -32,14 +33,15 @@
 #   inputs@new      issue 16's inputs: bench/bench_pipeline.py's prepare (NEW_ITEMS, default 0.05, of the items
 #                   held out of training: the new-item protocol), fit-collab, fit-quantizer and assign-sids in
 #                   runs/beauty-new, then SASRec's SEEDS on that prepare (queued when a variant reads them and
-#                   NEW_INPUTS is not given);
+#                   NEW_INPUTS is not given; NEW_BESIDE=1: never queued, but run on GPU 0 beside its queue, once the
+#                   one-GPU timing run is done, whether or not a variant reads them: a later session's NEW_INPUTS);
 #   sasrec@llm      SASRec's SEEDS (default 42 43 44) on the llm inputs' prepare (queued when a variant is tested
 #                   on the llm or mse inputs and SASREC_TESTS is not given);
 #   sasrec@new      the same on NEW_INPUTS' prepare (queued when NEW_INPUTS is given and NEW_SASREC_TESTS is not);
 #   inputs@mse      the quantizer ablation's SIDs: llm's prepare and fit-collab, a quantizer with MSE
 #                   reconstruction (queued when a variant reads them);
 #   VARIANT@SEED@SPLIT  one seed of one variant of the VARIANT table (bench/bench_seeds.py: its head's config,
-#                   then its options, on its inputs), scored on SPLIT. VARIANTS (default "distill no-distill") are
+#                   then its options, on its inputs), scored on SPLIT. VARIANTS (default "distill no-distill"; "" none) are
 #                   tested variant by variant, SEEDS each, so that a session cut short ends with whole variants; a
 #                   word VARIANT@valid in VARIANTS scores one seed (42) on the validation split in that place, the
 #                   next configuration's choice; VAL_VARIANTS (default none) are such words after VARIANTS
@@ -154,6 +156,8 @@ if phase seeds || phase refinement || phase ddp-quality; then
     # (LC-Rec), some 1.8x the prompt tokens, so half the batch (the shipped batch peaks at 87 GiB of one H200)
     [generative-long-random-init]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.code_init random"
     [generative-long-titles]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.with_titles true|--model.init_args.title_tokens 6|--data.batch_size 512"
+    # TIGER's own setting: the history and the target written as text SIDs (the item's content) instead of collab SIDs
+    [generative-long-text-sids]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.sid_modality text"
     # issue 16: text SIDs, since no new item has a collab SID, and `mmrec test --slices true` refuses a model that
     # cannot write some of the targets
     [new-items-generative]="--model.init_args.sid_modality text"
@@ -162,7 +166,7 @@ if phase seeds || phase refinement || phase ddp-quality; then
   )
   # a variant's head where it is not the fusion head, and its inputs where they are not llm
   declare -A HEAD_OF=([generative-long]=generative [generative-long-random-init]=generative
-    [generative-long-titles]=generative [new-items-generative]=generative)
+    [generative-long-titles]=generative [generative-long-text-sids]=generative [new-items-generative]=generative)
   declare -A INPUTS_OF=([mse-quantizer]=mse [cold-start]=new [cold-start-prefix-ngram]=new [cold-start-all-bigrams]=new
     [cold-start-full-tuple]=new [new-items-generative]=new)
   declare -A CONFIG_OF=([fusion]=$FUSION [generative]=configs/beauty/fit-recommender-generative.yaml)
@@ -389,7 +393,8 @@ PY
   SEED_JOBS=() TESTED=()
   declare -A READ=()  # the inputs the variants read
   WORDS=$(for variant in ${VAL_VARIANTS:-}; do echo "$variant@valid"; done)
-  if [ -n "${VAL_FIRST:-}" ]; then WORDS="$WORDS ${VARIANTS:-distill no-distill}"; else WORDS="${VARIANTS:-distill no-distill} $WORDS"; fi
+  # VARIANTS="" (set but empty): no test variants, only VAL_VARIANTS
+  if [ -n "${VAL_FIRST:-}" ]; then WORDS="$WORDS ${VARIANTS-distill no-distill}"; else WORDS="${VARIANTS-distill no-distill} $WORDS"; fi
   phase seeds || WORDS=
   phase ddp-quality && READ[llm]=1
   for word in $WORDS; do
@@ -405,7 +410,7 @@ PY
   done
   JOBS=()
   if [ -n "${READ[new]:-}" ]; then
-    if [ -z "${NEW_INPUTS:-}" ]; then JOBS+=(inputs@new); elif [ -z "${NEW_SASREC_TESTS:-}" ]; then JOBS+=(sasrec@new); fi
+    if [ -z "${NEW_INPUTS:-}" ]; then [ -n "${NEW_BESIDE:-}" ] || JOBS+=(inputs@new); elif [ -z "${NEW_SASREC_TESTS:-}" ]; then JOBS+=(sasrec@new); fi
   fi
   for variant in "${TESTED[@]}"; do
     if [ "$(baseline_of "${INPUTS_OF[$variant]:-llm}")" = llm ] && [ -z "${SASREC_TESTS:-}" ]; then JOBS+=(sasrec@llm); break; fi
@@ -443,7 +448,8 @@ PY
   # job it would train slower, which flatters the ratio), unless the timed pipeline holds GPU 0: then after the queue
   WORKERS=$NGPU DDP_AFTER=
   if phase ddp-quality; then
-    if [ "$NGPU" -ge 4 ]; then WORKERS=$((NGPU - 2))
+    if [ "$NGPU" -lt 2 ]; then stamp "ddp-quality: one GPU, so no DDP run; its one-GPU reference is the queue's first job"
+    elif [ "$NGPU" -ge 4 ]; then WORKERS=$((NGPU - 2))
     elif [ -z "$pipeline" ]; then ddp_job 0,1 && mkdir "$QUEUE/shipped@42@test" && fresh_caches shipped run_job 0 shipped@42@test
     else DDP_AFTER=1; fi
   fi
@@ -453,6 +459,12 @@ PY
   fi
   if [ -n "$pipeline" ]; then wait "$pipeline"; pipeline=; fi  # GPU 0 times the pipeline alone
   worker 0 &
+  if [ -n "${NEW_BESIDE:-}" ] && [ -z "${NEW_INPUTS:-}" ]; then
+    (  # a light job beside GPU 0's queue (SASRec, a quantizer: a few GiB), once the timing reference is done
+      if phase ddp-quality; then wait_for "$QUEUE/shipped@42@test/done"; fi
+      mkdir -p "$QUEUE/inputs@new" && run_job 0 inputs@new
+    ) &
+  fi
   # not a bare wait for the summaries: that would also wait for the workers
   if [ ${#SUMMARIES[@]} -gt 0 ]; then wait "${SUMMARIES[@]}"; stamp "seeds: summaries written"; fi
   wait
