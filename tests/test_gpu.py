@@ -1,11 +1,11 @@
-"""The LLM heads on two GPUs: FSDP and DDP over NCCL, where the default suite cannot go.
+"""The LLM heads on GPUs: FSDP and DDP over NCCL on two, where the default suite cannot go.
 
 Lightning runs FSDP on CUDA devices only, so on a CPU the suite tests just its refusals (``test_ddp.py``).
-These tests need two CUDA devices and are left out of ``make test``; ``make test-gpu`` runs them. For each
+These tests are left out of ``make test``; ``make test-gpu`` runs them. On two CUDA devices, for each
 head (fusion, generative) and each way of fine-tuning the backbone (full, LoRA), a run under
 ``configs/strategies/fit-recommender-fsdp.yaml`` on 2 GPUs publishes what a one-GPU run publishes, and
 ``mmrec test`` evaluates it; the fusion head under plain DDP over NCCL does the same. Checkpoint copies of
-GPU tensors go to page-locked host buffers, which only a CUDA device has.
+GPU tensors go to page-locked host buffers, which only a CUDA device has (one is enough).
 """
 
 from __future__ import annotations
@@ -31,10 +31,9 @@ from tests.test_ddp import (
 )
 from tests.test_resume_kill import evaluate
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices"),
-]
+pytestmark = pytest.mark.gpu
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
 
 def fit_on_gpus(run: Path, head: str, devices: int, *args: str) -> None:
     write_sids(run, suffix=True)  # unique SIDs, which the generative head needs
@@ -42,6 +41,7 @@ def fit_on_gpus(run: Path, head: str, devices: int, *args: str) -> None:
             "--trainer.devices", str(devices), *VALIDATE, *args)
 
 
+@two_gpus
 @pytest.mark.parametrize("finetune", list(FINETUNE))
 @pytest.mark.parametrize("head", list(LLM_HEADS))
 def test_fsdp_on_two_gpus_publishes_what_one_gpu_publishes(head: str, finetune: str, tmp_path: Path) -> None:
@@ -55,6 +55,7 @@ def test_fsdp_on_two_gpus_publishes_what_one_gpu_publishes(head: str, finetune: 
     assert 0 <= metrics["ndcg@10"] <= 1 and 0 <= metrics["recall@10"] <= 1
 
 
+@two_gpus
 def test_ddp_over_nccl_publishes_what_one_gpu_publishes(tmp_path: Path) -> None:
     single, ddp = make_run(tmp_path / "single"), make_run(tmp_path / "ddp")
     fit_on_gpus(single, "fusion", 1)
@@ -64,6 +65,7 @@ def test_ddp_over_nccl_publishes_what_one_gpu_publishes(tmp_path: Path) -> None:
     assert 0 <= metrics["ndcg@10"] <= 1 and 0 <= metrics["recall@10"] <= 1
 
 
+@two_gpus
 def test_lightnings_own_fsdp_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """Lightning's FSDPStrategy cannot validate after fit (see mmrec.stages.fsdp): refused before any work."""
     run = make_run(tmp_path / "run")
@@ -76,6 +78,7 @@ def test_lightnings_own_fsdp_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert not (run / "fit-recommender").exists()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_checkpoint_copies_of_gpu_tensors_go_to_reused_page_locked_buffers() -> None:
     staging = HostStaging(sets=1)
     weights = torch.arange(6.0, device="cuda")
