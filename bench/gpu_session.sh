@@ -33,8 +33,9 @@
 #   inputs@new      issue 16's inputs: bench/bench_pipeline.py's prepare (NEW_ITEMS, default 0.05, of the items
 #                   held out of training: the new-item protocol), fit-collab, fit-quantizer and assign-sids in
 #                   runs/beauty-new, then SASRec's SEEDS on that prepare (queued when a variant reads them and
-#                   NEW_INPUTS is not given; NEW_BESIDE=1: never queued, but run on GPU 0 beside its queue, once the
-#                   one-GPU timing run is done, whether or not a variant reads them: a later session's NEW_INPUTS);
+#                   NEW_INPUTS is not given; NEW_BESIDE=1: never queued, but run on GPU 0 beside its queue (after
+#                   ddp-quality's one-GPU timing run, where that phase runs), whether or not a variant reads them: a
+#                   later session's NEW_INPUTS);
 #   sasrec@llm      SASRec's SEEDS (default 42 43 44) on the llm inputs' prepare (queued when a variant is tested
 #                   on the llm or mse inputs and SASREC_TESTS is not given);
 #   sasrec@new      the same on NEW_INPUTS' prepare (queued when NEW_INPUTS is given and NEW_SASREC_TESTS is not);
@@ -460,7 +461,7 @@ PY
   if [ -n "$pipeline" ]; then wait "$pipeline"; pipeline=; fi  # GPU 0 times the pipeline alone
   worker 0 &
   if [ -n "${NEW_BESIDE:-}" ] && [ -z "${NEW_INPUTS:-}" ]; then
-    (  # a light job beside GPU 0's queue (SASRec, a quantizer: a few GiB), once the timing reference is done
+    (  # light beside GPU 0's queue (MiniLM, SASRec, the quantizer: a few GiB), after the timing reference if any
       if phase ddp-quality; then wait_for "$QUEUE/shipped@42@test/done"; fi
       mkdir -p "$QUEUE/inputs@new" && run_job 0 inputs@new
     ) &
