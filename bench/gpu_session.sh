@@ -6,6 +6,8 @@
 #                   (plain `--trainer.strategy ddp`, configs/strategies/fit-recommender-ddp.yaml, and that with a
 #                   bf16 gradient all-reduce), SmolLM2-135M's shape with random weights, on the run folder
 #                   THROUGHPUT_RUN (prepare, fit-collab, assign-sids; no backbone file needed);
+#   ddp-throughput-shipped  (not in the default list) both GPUs, alone, before everything else: the same on the
+#                   shipped config with the real backbone (GGUF) on the llm inputs, 100 steps, 1 GPU and DDP;
 #   pipeline        GPU 0, alone: the whole Beauty pipeline from the raw files (bench/bench_pipeline.py) in RUN
 #                   (default runs/beauty);
 #   seeds           the variants' seeds and what they need, jobs of the queue below;
@@ -95,6 +97,21 @@ if phase ddp-throughput; then
     --variant "DDP, 2 GPUs (configs/strategies/fit-recommender-ddp.yaml)=--config $FUSION --config configs/strategies/fit-recommender-ddp.yaml $SHAPE --trainer.devices 2" \
     --variant "DDP, 2 GPUs (fit-recommender-ddp.yaml, bf16 gradient all-reduce)=--config $FUSION --config configs/strategies/fit-recommender-ddp.yaml $SHAPE --trainer.devices 2 --trainer.strategy.init_args.ddp_comm_hook torch.distributed.algorithms.ddp_comm_hooks.default_hooks.bf16_compress_hook" \
     --results "$RESULTS" --json "$OUT/ddp-throughput.json" >"$OUT/ddp-throughput.log" 2>&1
+fi
+
+if phase ddp-throughput-shipped; then
+  # the shipped config itself (SmolLM2's weights, every modality, the system prompt, distillation) on the llm inputs:
+  # whether its steps scale as the random-weight shape's did (1.93x, session 6) or as its whole runs do (1.66x steady)
+  INPUTS=${SEEDS_INPUTS:-$RUN}
+  wait_for "$GGUF"
+  wait_for "$INPUTS/assign-sids/manifest.json"
+  stamp "ddp-throughput-shipped: 1 GPU, then DDP on 2"
+  python3 bench/bench_llm_throughput.py --run_dir "$INPUTS" --work_dir /tmp/ddp-throughput-shipped --backbone "$GGUF" \
+    --steps 100 --skip 70 --title "The shipped fusion config on 1 and 2 GPUs (DDP), SmolLM2-135M-Instruct, Beauty" \
+    --variant "1 GPU=--config $FUSION" \
+    --variant "DDP, 2 GPUs (configs/strategies/fit-recommender-ddp.yaml)=--config $FUSION --config configs/strategies/fit-recommender-ddp.yaml --trainer.devices 2" \
+    --results "$RESULTS" --json "$OUT/ddp-throughput-shipped.json" >"$OUT/ddp-throughput-shipped.log" 2>&1
+  stamp "ddp-throughput-shipped done (exit $?)"
 fi
 
 pipeline=
