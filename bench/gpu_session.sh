@@ -239,15 +239,20 @@ if phase seeds || phase refinement || phase ddp-quality; then
     fi
   }
   beam_sweep() {  # GPU RUN_DIR NAME: a trained generative model re-decoded on validation with BEAMS (default 10 50)
-    # beams beside its own (20): issue 14's beam-width lever, a few seconds each, no retraining; OUT/RESULTS-beams.md
-    local gpu=$1 run=$2 name=$3 beams folder
+    # beams beside its own (20), then at its own width with renormalized scores: issue 14's decoding levers, a few
+    # seconds each, no retraining; OUT/RESULTS-beams.md
+    local gpu=$1 run=$2 name=$3 beams folder options
     [ -f "$run/fit-recommender-generative/manifest.json" ] || return 0
-    for beams in own ${BEAMS:-10 50}; do
-      folder=$run/test/generative-valid
-      if [ "$beams" != own ]; then
-        folder+=-beams$beams
+    for beams in own ${BEAMS:-10 50} renorm; do
+      folder=$run/test/generative-valid options=()
+      case $beams in
+        own) ;;
+        renorm) folder+=-renorm options=(--renormalize true) ;;
+        *) folder+=-beams$beams options=(--num_beams "$beams") ;;
+      esac
+      if [ ${#options[@]} -gt 0 ]; then
         CUDA_VISIBLE_DEVICES=$gpu python3 -m mmrec.cli test --config configs/beauty/test.yaml --run_dir "$run" \
-          --model generative --split valid --batch_size 512 --num_beams "$beams" >>"$OUT/beams-$name.log" 2>&1
+          --model generative --split valid --batch_size 512 "${options[@]}" >>"$OUT/beams-$name.log" 2>&1
       fi
       python3 - "$folder/metrics.json" "$name" >>"$OUT/RESULTS-beams.md" <<'PY'
 import json, sys
@@ -255,10 +260,12 @@ path, name = sys.argv[1:]
 try:
     document = json.load(open(path))
 except OSError:
-    print(f"| {name} | {path} | failed | |")
+    print(f"| {name} | {path} | failed | | |")
 else:
     metrics = document["metrics"]
-    print(f"| {name} | {document['protocol'].get('num_beams')} | {metrics['recall@10']:.4f} | {metrics['ndcg@10']:.4f} |")
+    protocol = document["protocol"]
+    scores = "renormalized" if protocol.get("renormalize") else "model"
+    print(f"| {name} | {protocol.get('num_beams')} | {scores} | {metrics['recall@10']:.4f} | {metrics['ndcg@10']:.4f} |")
 PY
     done
   }

@@ -107,6 +107,19 @@ def test_exhaustive_beam_search_top1_is_the_argmax_of_exact_scoring(sid_run: Pat
         assert items[0].tolist() == exact.argsort(descending=True, stable=True).tolist()
 
 
+def test_renormalized_exhaustive_beams_are_a_distribution_over_the_catalog(sid_run: Path) -> None:
+    """By the model's log-probability the catalog's SIDs hold less than all the mass (some goes to code tuples no
+    item has); renormalized, exactly all of it."""
+    model = generative(sid_run).eval()
+    hist = torch.tensor([[1, 2, 3]])
+    mask = torch.ones_like(hist, dtype=torch.bool)
+    with torch.no_grad():
+        _, joint = model.decode(hist, mask, num_beams=NUM_ITEMS)
+        model.renormalize = True
+        _, renormalized = model.decode(hist, mask, num_beams=NUM_ITEMS)
+    assert float(joint.exp().sum()) < 0.99 and float(renormalized.exp().sum()) == pytest.approx(1.0, abs=1e-4)
+
+
 def test_a_users_list_does_not_depend_on_padding_or_batch_composition(sid_run: Path) -> None:
     model = generative(sid_run).eval()
     alone_items, alone_scores = model.topk_batch(batch_of([[5, 9, 13]]), 10)
@@ -141,6 +154,26 @@ def test_a_live_beam_outside_the_catalog_raises_instead_of_returning_an_item() -
     assert bool(torch.isinf(scores[0, 2:]).all()) and torch.allclose(scores[0, :2], torch.full((2,), -float(np.log(4.0))))
 
 
+def test_renormalized_beams_score_each_sid_by_its_probability_among_the_catalogs_sids() -> None:
+    """Items (0,0), (0,1) and (1,0); the model gives level 0 .6 / .4 and every level-1 code .5. By the model's
+    log-probability (1,0) is last (.4 x .5 = .2 against .3); among the catalog's SIDs its level 1 is forced and
+    costs nothing, so it comes first (.4 against .3), and the three scores are a distribution."""
+    trie = SIDTrie(torch.tensor([[0, 0], [0, 1], [1, 0]]), (2, 2))
+
+    def step(depth: int, origin: torch.Tensor | None, codes: torch.Tensor | None) -> torch.Tensor:
+        beams = 1 if origin is None else origin.shape[1]
+        probs = torch.tensor([0.6, 0.4]) if depth == 0 else torch.tensor([0.5, 0.5])
+        return probs.log().expand(1, beams, 2)
+
+    items, scores = constrained_beam_search(step, trie, 1, 3, torch.device("cpu"))
+    assert items[0, 2] == 2 and torch.allclose(scores[0].exp(), torch.tensor([0.3, 0.3, 0.2]))
+    items, scores = constrained_beam_search(step, trie, 1, 3, torch.device("cpu"), renormalize=True)
+    assert items[0, 0] == 2 and torch.allclose(scores[0].exp(), torch.tensor([0.4, 0.3, 0.3]))
+    assert torch.allclose(scores[0].exp().sum(), torch.tensor(1.0))
+    items, scores = constrained_beam_search(step, trie, 1, 4, torch.device("cpu"), renormalize=True)
+    assert items[0, 3] == -1 and bool(torch.isinf(scores[0, 3])) and not bool(torch.isnan(scores).any())
+
+
 def fit(run: Path, *extra: str) -> int:
     return mmrec(["fit-recommender", "--config", str(CONF / "fit-recommender-generative.yaml"), "--run_dir", str(run), *extra])
 
@@ -166,6 +199,12 @@ def test_fit_then_test_generative_end_to_end(sid_run: Path) -> None:
                   "--num_beams", "40"]) == 0
     wide = json.loads((sid_run / "test" / "generative-test-beams40" / "metrics.json").read_text())
     assert wide["protocol"]["num_beams"] == 40 and (sid_run / "test" / "generative-test" / "metrics.json").is_file()
+    # scored among the catalog's SIDs instead, beside them too
+    assert metrics["protocol"]["renormalize"] is False
+    assert mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", str(sid_run), "--model", "generative",
+                  "--renormalize", "true"]) == 0
+    renormalized = json.loads((sid_run / "test" / "generative-test-renorm" / "metrics.json").read_text())
+    assert renormalized["protocol"]["renormalize"] is True and 0 <= renormalized["metrics"]["ndcg@10"] <= 1
 
     exported, checkpointed = load(sid_run, None, torch.device("cpu")), load(sid_run, str(last), torch.device("cpu"))
     history = torch.tensor([[1, 2, 3, 4]])
@@ -190,14 +229,15 @@ def test_fit_then_test_generative_end_to_end(sid_run: Path) -> None:
     assert mmrec(["test", "--config", str(CONF / "test.yaml"), "--run_dir", str(sid_run), "--model", "fusion"]) == 2
 
 
-@pytest.mark.parametrize(("model", "beams", "expected"), [
-    ("popularity", "30", "does not decode by beam search"),
-    ("generative", "0", "--num_beams must be at least 1"),
+@pytest.mark.parametrize(("model", "option", "expected"), [
+    ("popularity", ["--num_beams", "30"], "--num_beams: --model popularity does not decode by beam search"),
+    ("popularity", ["--renormalize", "true"], "--renormalize: --model popularity does not decode by beam search"),
+    ("generative", ["--num_beams", "0"], "--num_beams must be at least 1"),
 ])
-def test_a_beam_width_that_cannot_apply_is_one_line(
-    tiny_run: Path, model: str, beams: str, expected: str, capsys: pytest.CaptureFixture[str]
+def test_a_beam_search_option_that_cannot_apply_is_one_line(
+    tiny_run: Path, model: str, option: list[str], expected: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert mmrec(["test", "--run_dir", str(tiny_run), "--model", model, "--device", "cpu", "--num_beams", beams]) == 2
+    assert mmrec(["test", "--run_dir", str(tiny_run), "--model", model, "--device", "cpu", *option]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err
     assert not (tiny_run / "test").exists()

@@ -65,9 +65,11 @@ class PartialCatalog(Protocol):
 
 @runtime_checkable
 class BeamSearch(Protocol):
-    """A model that decodes its list by beam search, whose width ``mmrec test --num_beams`` may change."""
+    """A model that decodes its list by beam search, whose width ``mmrec test --num_beams`` and scoring
+    ``mmrec test --renormalize`` may change."""
 
     num_beams: int
+    renormalize: bool
 
     def beam_width(self, k: int) -> int:
         """The beams a list of ``k`` items is decoded with."""

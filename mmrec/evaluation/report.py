@@ -87,14 +87,17 @@ def metrics_document(
     slices: SliceSpec | None = None,
     unrankable: dict[str, int] | None = None,
     num_beams: int | None = None,
+    renormalize: bool | None = None,
 ) -> dict[str, Any]:
     """The content of ``metrics.json``; with ``slices``, the metrics per slice and how the slices were cut, with
     ``unrankable`` (a model that cannot rank every item) each slice's count of such targets, and with
-    ``num_beams`` (a beam-search model) the beams it decoded with."""
+    ``num_beams`` and ``renormalize`` (a beam-search model) the beams it decoded with and how it scored them."""
     sliced: dict[str, Any] = {}
     proto = protocol(evaluation, k, mask_history)
     if num_beams is not None:
         proto["num_beams"] = num_beams
+    if renormalize is not None:
+        proto["renormalize"] = renormalize
     if slices is not None:
         proto["slices"] = slices.record()
         users = evaluation.predictions.column("user_idx").to_numpy()

@@ -4,7 +4,8 @@ Wiring only: the model comes from :mod:`mmrec.evaluation.registry`, the loop and
 :mod:`mmrec.evaluation`; ``--devices N`` starts N processes through Lightning Fabric's launcher (one GPU
 each, or CPU processes), each evaluating a shard of the users, and rank 0 writes. Writes ``metrics.json`` and ``predictions.parquet`` atomically to
 ``<run_dir>/test/<model>-<split>/`` (``<model>-<split>-masked/`` with ``--mask_history true``, so the two
-protocols never overwrite each other; ``-beams<N>`` appended with ``--num_beams N``) and prints a table.
+protocols never overwrite each other; ``-beams<N>`` appended with ``--num_beams N``, ``-renorm`` or
+``-no-renorm`` with ``--renormalize``) and prints a table.
 """
 
 from __future__ import annotations
@@ -79,17 +80,25 @@ def unrankable_targets(
     return counts
 
 
-def output_name(model: str, split: str, mask_history: bool, num_beams: int | None = None) -> str:
-    """``<model>-<split>[-masked][-beams<N>]``: a beam-width sweep does not overwrite the model's own figures."""
-    return f"{model}-{split}" + ("-masked" if mask_history else "") + ("" if num_beams is None else f"-beams{num_beams}")
+def output_name(model: str, split: str, mask_history: bool, num_beams: int | None = None, renormalize: bool | None = None) -> str:
+    """``<model>-<split>[-masked][-beams<N>][-renorm|-no-renorm]``: a sweep of the beam search's width or scoring
+    does not overwrite the model's own figures."""
+    scoring = "" if renormalize is None else ("-renorm" if renormalize else "-no-renorm")
+    return f"{model}-{split}" + ("-masked" if mask_history else "") + ("" if num_beams is None else f"-beams{num_beams}") + scoring
 
 
-def set_beam_width(recommender: object, model: str, num_beams: int) -> None:
-    """Decode with ``num_beams`` beams instead of the width the model was trained with; refused for a model
-    that does not decode by beam search."""
+def set_beam_search(recommender: object, model: str, num_beams: int | None, renormalize: bool | None) -> None:
+    """Decode with ``num_beams`` beams and ``renormalize``'s scoring instead of the model's own settings (None:
+    keep it); refused for a model that does not decode by beam search."""
+    given = [name for name, value in (("--num_beams", num_beams), ("--renormalize", renormalize)) if value is not None]
+    if not given:
+        return
     if not isinstance(recommender, BeamSearch):
-        raise InputError(f"--num_beams: --model {model} does not decode by beam search (the generative head does)")
-    recommender.num_beams = num_beams
+        raise InputError(f"{given[0]}: --model {model} does not decode by beam search (the generative head does)")
+    if num_beams is not None:
+        recommender.num_beams = num_beams
+    if renormalize is not None:
+        recommender.renormalize = renormalize
 
 
 def test(
@@ -107,6 +116,7 @@ def test(
     history_buckets: list[int] = list(DEFAULT_HISTORY_BUCKETS),  # noqa: B006
     devices: int = 1,
     num_beams: int | None = None,
+    renormalize: bool | None = None,
 ) -> dict:
     """Evaluate a trained model: full-ranking Recall@K, NDCG@K and MRR on one split.
 
@@ -129,6 +139,10 @@ def test(
             cuda, CPU processes with cpu); metrics are reduced over them and rank 0 writes the results.
         num_beams: beams of a generative model's constrained beam search (default: its trained setting, 20 in
             the shipped configs; at least max(k) are used); the results go to ``<model>-<split>-beams<N>``.
+        renormalize: how a generative model scores its beams (default: its trained setting, false in the shipped
+            configs): true scores each SID by its probability among the catalog's SIDs, false by the model's
+            log-probability of it (:mod:`mmrec.models.llm.sid_trie`); the results go to ``...-renorm`` or
+            ``...-no-renorm``.
     """
     start = time.perf_counter()
     if slices:  # a bad specification fails before the model is loaded, not after a long evaluation
@@ -140,8 +154,7 @@ def test(
     if fabric is not None:
         torch_device = fabric.device
     recommender = load_recommender(model, run_dir, checkpoint, torch_device)
-    if num_beams is not None:
-        set_beam_width(recommender, model, num_beams)
+    set_beam_search(recommender, model, num_beams, renormalize)
     shard = None if fabric is None else (fabric.global_rank, fabric.world_size)
     loader, data = split_loader(run_dir, split, batch_size, shard)
     prepared = data.prepared
@@ -164,6 +177,7 @@ def test(
         mask_history=mask_history, evaluation=evaluation, device=torch_device, wall_time_s=time.perf_counter() - start,
         precision="bf16" if bf16 else "32", slices=spec, unrankable=unrankable,
         num_beams=recommender.beam_width(max(k)) if isinstance(recommender, BeamSearch) else None,
+        renormalize=recommender.renormalize if isinstance(recommender, BeamSearch) else None,
     )
     if fabric is not None and fabric.global_rank != 0:  # rank 0 writes
         return document
@@ -172,14 +186,15 @@ def test(
         config={"run_dir": run_dir, "model": model, "split": split, "mask_history": mask_history, "k": k,
                 "batch_size": batch_size, "device": device, "checkpoint": checkpoint,
                 "precision": "bf16" if bf16 else "32", "slices": slices, "slice_shares": slice_shares,
-                "history_buckets": history_buckets, "devices": devices, "num_beams": num_beams},
+                "history_buckets": history_buckets, "devices": devices, "num_beams": num_beams,
+                "renormalize": renormalize},
         extra={"metrics": evaluation.metrics},
     )
     manifest.add_input("interactions", prepared.interactions_path, prepared.manifest)
     source = checkpoint_of(recommender)
     if source is not None and source.is_file():
         manifest.add_input("checkpoint", source)
-    name = output_name(model, split, mask_history, num_beams)
+    name = output_name(model, split, mask_history, num_beams, renormalize)
     with stage_output(Path(run_dir) / STAGE, name, manifest) as out:
         (out / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
         write_table(evaluation.predictions, out / "predictions.parquet", PREDICTIONS)

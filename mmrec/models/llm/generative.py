@@ -10,7 +10,8 @@ With ``with_titles`` each history item's SID is followed by the first ``title_to
 (the SID tokens' embeddings are also their output weights, whether or not the backbone ties its own), so a
 step's log-probs are a distribution over that level's codes and an item's score, the sum over levels, is
 its log-probability as an SID. Decoding (:meth:`GenerativeRecommender.topk_batch`) runs the prompt once,
-then one cached step per level for ``num_beams`` beams per user (:mod:`mmrec.models.llm.sid_trie`).
+then one cached step per level for ``num_beams`` beams per user (:mod:`mmrec.models.llm.sid_trie`); with
+``renormalize`` an item's score is its SID's probability among the catalog's SIDs instead.
 
 Trained: LoRA and the new SID token rows (peft's ``trainable_token_indices``: the embedding matrix stays
 frozen, the rows' values live in the adapter). Items without an SID in ``sid_modality`` are left out of
@@ -67,6 +68,10 @@ class GenerativeRecommender(LLMRecommenderBase):
         title_tokens: how many tokens of each item's text ``with_titles`` keeps.
         item_separator: text between history items (``", "`` reads naturally; ``","`` is one token less).
         num_beams: beams of the constrained beam search (at least the list length asked for).
+        renormalize: score each SID by its probability among the catalog's SIDs (each level's log-probs
+            normalised again over the codes the catalog allows after the beam's prefix), not by the model's
+            log-probability of it (see :mod:`~mmrec.models.llm.sid_trie`). A decoding choice: training is the
+            same either way, and ``mmrec test --renormalize`` may change it.
         lr: learning rate of the SID token rows.
         lora_lr: learning rate of the LoRA adapter.
         weight_decay: AdamW weight decay.
@@ -90,6 +95,7 @@ class GenerativeRecommender(LLMRecommenderBase):
         title_tokens: int = 12,
         item_separator: str = ", ",
         num_beams: int = 20,
+        renormalize: bool = False,
         lr: float = 1e-3,
         lora_lr: float = 2e-4,
         weight_decay: float = 0.0,
@@ -99,7 +105,7 @@ class GenerativeRecommender(LLMRecommenderBase):
         super().__init__()
         self.save_hyperparameters(ignore=["inputs", "backbone"])
         self._prepare(inputs, backbone, ks)
-        self.max_len, self.num_beams = max_len, num_beams
+        self.max_len, self.num_beams, self.renormalize = max_len, num_beams, renormalize
         sids = self._sids(inputs, sid_modality)
         codes, codebooks = sids.codes, sids.codebooks
         self.vocab = SIDVocabulary.from_codes(codes, codebooks, sids.source)
@@ -255,7 +261,7 @@ class GenerativeRecommender(LLMRecommenderBase):
             ).last_hidden_state
             return self.level_logprobs(hidden, depth)
 
-        return constrained_beam_search(step, self.trie, batch, num_beams, ids.device)
+        return constrained_beam_search(step, self.trie, batch, num_beams, ids.device, renormalize=self.renormalize)
 
     def tokens_in(self, batch: dict[str, Tensor]) -> Tensor:
         """Tokens the backbone reads for a training batch, padding excluded (for throughput)."""

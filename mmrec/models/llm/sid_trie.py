@@ -7,7 +7,14 @@ catalog's prefixes of length ``d`` and, for each, a mask of the codes that may f
 codes are one ``searchsorted`` and one row gather away.
 
 Every live beam therefore extends a real prefix, every finished beam is a real item, and distinct beams are
-distinct items (SIDs are unique). A beam runs out only when fewer SIDs than beams exist under the prefixes
+distinct items (SIDs are unique).
+
+A beam's score is, by default, the model's log-probability of the SID: at each level a log-softmax over all of
+that level's codes, the codes the trie forbids masked out of the choice but not out of the normalisation
+(TIGER's decoding). With ``renormalize`` each level's log-probs are normalised again over the codes the trie
+allows after the beam's prefix, so a score is the SID's probability among the catalog's SIDs: a level with one
+allowed code (a prefix that already names one item: the deeper levels and the disambiguation suffix of most
+items) costs nothing, where by default it costs whatever mass the model gives the other codes. A beam runs out only when fewer SIDs than beams exist under the prefixes
 kept; its score is then ``-inf`` and its item ``-1`` (an empty slot), never a made-up item. A live beam
 without any allowed continuation cannot happen by construction; if it did, the search raises instead of
 returning it.
@@ -92,11 +99,14 @@ class SIDTrie(nn.Module):
         return key
 
 
-def constrained_beam_search(step: StepFn, trie: SIDTrie, batch_size: int, num_beams: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def constrained_beam_search(
+    step: StepFn, trie: SIDTrie, batch_size: int, num_beams: int, device: torch.device, renormalize: bool = False
+) -> tuple[Tensor, Tensor]:
     """Best ``num_beams`` SIDs per user under ``step``'s log-probs, restricted to the catalog's SIDs.
 
     Returns ``(items [B, num_beams], scores [B, num_beams])`` best first; a beam's score is the sum of its
-    codes' log-probs; empty slots (fewer SIDs than beams) hold item ``-1`` and score ``-inf``.
+    codes' log-probs (with ``renormalize``, each normalised over the codes the trie allows after its prefix);
+    empty slots (fewer SIDs than beams) hold item ``-1`` and score ``-inf``.
     """
     scores = torch.zeros(batch_size, 1, device=device)
     keys = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -105,7 +115,11 @@ def constrained_beam_search(step: StepFn, trie: SIDTrie, batch_size: int, num_be
         logprobs = step(depth, origin, codes).float()
         size = logprobs.shape[-1]
         allowed = trie.allowed(depth, keys, torch.isfinite(scores))
-        candidates = (scores.unsqueeze(-1) + logprobs).masked_fill(~allowed, -torch.inf).flatten(1)
+        logprobs = logprobs.masked_fill(~allowed, -torch.inf)
+        if renormalize:  # a dead beam allows nothing: its -inf stays, never a NaN
+            total = torch.logsumexp(logprobs, dim=-1, keepdim=True)
+            logprobs = logprobs - total.masked_fill(torch.isinf(total), 0.0)
+        candidates = (scores.unsqueeze(-1) + logprobs).flatten(1)
         if candidates.shape[1] < num_beams:  # fewer candidates than beams: pad with empty ones
             candidates = nn.functional.pad(candidates, (0, num_beams - candidates.shape[1]), value=-torch.inf)
         scores, index = candidates.topk(num_beams, dim=1)
