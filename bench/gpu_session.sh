@@ -268,6 +268,11 @@ else:
     print(f"| {name} | {protocol.get('num_beams')} | {scores} | {metrics['recall@10']:.4f} | {metrics['ndcg@10']:.4f} |")
 PY
     done
+    # the renormalized decode against the model's own, paired over the validation users (the same model: only
+    # the scoring differs)
+    { echo; echo "$name: renormalized against its own scores, validation split"; echo '```'
+      python3 -m mmrec.cli compare --baseline "$run/test/generative-valid" --candidate "$run/test/generative-valid-renorm" 2>&1
+      echo '```'; } >>"$OUT/RESULTS-beams.md"
   }
   keep_manifest() {  # RUN_DIR NAME: its LLM head's manifest (tokens/s, training seconds) in OUT at once, not only
     # in curves.tgz at the session's end, which a session cut short never reaches; nothing when the run failed
