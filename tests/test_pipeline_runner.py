@@ -93,7 +93,8 @@ def test_a_fork_that_cannot_reach_the_gpus_is_found_by_a_probe(monkeypatch: pyte
 def test_a_fork_server_that_cannot_start_the_stage_leaves_it_to_a_fresh_interpreter(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A server that died (say, importing a stage module crashed it) fails ``start``: the stage still runs."""
+    """A server that died (say, importing a stage module crashed it) fails ``start``: the stage still runs, in a
+    fresh interpreter, and ends with its own error (the missing run folder's manifest, named)."""
     class DeadChild:
         def __init__(self, **kwargs: object) -> None:
             pass
@@ -103,6 +104,7 @@ def test_a_fork_server_that_cannot_start_the_stage_leaves_it_to_a_fresh_interpre
 
     monkeypatch.setattr(runner, "fork_server", lambda: SimpleNamespace(Process=DeadChild))
     monkeypatch.setattr(runner, "forks_reach_cuda", lambda: True)
-    argv = ["test", "--run_dir", str(tmp_path / "missing"), "--model", "sasrec"]
-    outcome = runner.run_stage(argv, verbose=False)
-    assert outcome.returncode == 2 and outcome == runner.run_stage(argv, verbose=False, fork=False)
+    missing = tmp_path / "missing"
+    outcome = runner.run_stage(["test", "--run_dir", str(missing), "--model", "sasrec"], verbose=False)
+    assert outcome.returncode == 2
+    assert outcome.last_error_line.startswith("mmrec test: error: ") and f"{missing}/prepare/manifest.json" in outcome.last_error_line
