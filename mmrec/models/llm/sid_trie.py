@@ -7,17 +7,17 @@ catalog's prefixes of length ``d`` and, for each, a mask of the codes that may f
 codes are one ``searchsorted`` and one row gather away.
 
 Every live beam therefore extends a real prefix, every finished beam is a real item, and distinct beams are
-distinct items (SIDs are unique).
+distinct items (SIDs are unique). A beam runs out only when fewer SIDs than beams exist under the prefixes
+kept; its score is then ``-inf`` and its item ``-1`` (an empty slot), never a made-up item. A live beam
+without any allowed continuation cannot happen by construction; if it did, the search raises instead of
+returning it.
 
 A beam's score is, by default, the model's log-probability of the SID: at each level a log-softmax over all of
 that level's codes, the codes the trie forbids masked out of the choice but not out of the normalisation
 (TIGER's decoding). With ``renormalize`` each level's log-probs are normalised again over the codes the trie
 allows after the beam's prefix, so a score is the SID's probability among the catalog's SIDs: a level with one
 allowed code (a prefix that already names one item: the deeper levels and the disambiguation suffix of most
-items) costs nothing, where by default it costs whatever mass the model gives the other codes. A beam runs out only when fewer SIDs than beams exist under the prefixes
-kept; its score is then ``-inf`` and its item ``-1`` (an empty slot), never a made-up item. A live beam
-without any allowed continuation cannot happen by construction; if it did, the search raises instead of
-returning it.
+items) costs nothing, where by default it costs whatever mass the model gives the other codes.
 """
 
 from __future__ import annotations
