@@ -270,9 +270,13 @@ PY
     done
     # the renormalized decode against the model's own, paired over the validation users (the same model: only
     # the scoring differs)
-    { echo; echo "$name: renormalized against its own scores, validation split"; echo '```'
-      python3 -m mmrec.cli compare --baseline "$run/test/generative-valid" --candidate "$run/test/generative-valid-renorm" 2>&1
-      echo '```'; } >>"$OUT/RESULTS-beams.md"
+    compare_section "$OUT/RESULTS-beams.md" "$name: renormalized against its own scores, validation split" \
+      --baseline "$run/test/generative-valid" --candidate "$run/test/generative-valid-renorm"
+  }
+  compare_section() {  # FILE TITLE ARGS...: `mmrec compare ARGS` appended to FILE under TITLE, as a code block
+    local file=$1 title=$2
+    shift 2
+    { echo; echo "$title"; echo; echo '```'; python3 -m mmrec.cli compare "$@" 2>&1; echo '```'; } >>"$file"
   }
   keep_manifest() {  # RUN_DIR NAME: its LLM head's manifest (tokens/s, training seconds) in OUT at once, not only
     # in curves.tgz at the session's end, which a session cut short never reaches; nothing when the run failed
@@ -390,10 +394,8 @@ PY
       baseline+=("runs/seeds/cold-start/seed$seed/test/fusion-test")
       candidate+=("runs/seeds/$variant/seed$seed/test/fusion-test")
     done
-    { echo; echo "## $variant against cold-start (sum), test split, seeds $SEEDS, by slice"; echo; echo '```'
-      python3 -m mmrec.cli compare --baseline "${baseline[@]}" --candidate "${candidate[@]}" --slices true \
-        --output "runs/seeds/compare-cold-start-vs-$variant.json" 2>&1
-      echo '```'; } >>"$OUT/RESULTS-schemes.md"
+    compare_section "$OUT/RESULTS-schemes.md" "## $variant against cold-start (sum), test split, seeds $SEEDS, by slice" \
+      --baseline "${baseline[@]}" --candidate "${candidate[@]}" --slices true --output "runs/seeds/compare-cold-start-vs-$variant.json"
   }
   ddp_job() {  # GPUS ("2,3"): the shipped fusion config under DDP on those two, seed 42 of the llm inputs, tested
     wait_for runs/seeds-inputs/llm.ready

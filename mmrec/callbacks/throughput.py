@@ -2,9 +2,10 @@
 
 Wall time counts training only (validation passes inside ``fit`` are subtracted, the sanity check happens
 before it starts). Of that time, the part between the last step of one epoch and the first of the next
-(validation excluded: checkpoints, epoch hooks, the loader's next epoch) is also reported on its own: it is
-the same on every device count, so it weighs more the more devices share an epoch. Tokens are the prompt
-tokens the backbone actually reads: text tokens plus one per history item, padding excluded. Peak memory is ``torch.cuda.max_memory_allocated`` over the whole fit.
+(validation excluded: checkpoints, epoch hooks, the loader's next epoch) is also reported on its own: a cost
+paid once an epoch, which weighs more the more devices share an epoch. Tokens are the prompt tokens the
+backbone actually reads: text tokens plus one per history item, padding excluded. Peak memory is
+``torch.cuda.max_memory_allocated`` over the whole fit.
 Under DDP the tokens are summed over ranks (each reads its own share of every step), so tokens per second is
 the whole job's; the seconds and peak memory are this process's (rank 0's, in the manifest).
 """

@@ -81,6 +81,14 @@ Loader = Callable[[Path, str | None, torch.device], AnyRecommender]
 when given, overriding the run's default weights), on ``device`` and in evaluation mode."""
 
 
+def decoding_of(model: object, k: int) -> dict[str, int | bool] | None:
+    """How a beam-search model decodes a list of ``k`` items (``num_beams``, ``renormalize``), for
+    ``metrics.json``'s protocol; None for a model that scores items."""
+    if not isinstance(model, BeamSearch):
+        return None
+    return {"num_beams": model.beam_width(k), "renormalize": model.renormalize}
+
+
 def checkpoint_of(model: AnyRecommender) -> Path | None:
     """The file or folder the model's weights came from, when the model says so."""
     path = getattr(model, "checkpoint_path", None)

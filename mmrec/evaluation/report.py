@@ -86,18 +86,13 @@ def metrics_document(
     precision: str = "32",
     slices: SliceSpec | None = None,
     unrankable: dict[str, int] | None = None,
-    num_beams: int | None = None,
-    renormalize: bool | None = None,
+    decoding: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of ``metrics.json``; with ``slices``, the metrics per slice and how the slices were cut, with
     ``unrankable`` (a model that cannot rank every item) each slice's count of such targets, and with
-    ``num_beams`` and ``renormalize`` (a beam-search model) the beams it decoded with and how it scored them."""
+    ``decoding`` (a beam-search model: :func:`~mmrec.evaluation.protocol.decoding_of`) how it decoded its lists."""
     sliced: dict[str, Any] = {}
-    proto = protocol(evaluation, k, mask_history)
-    if num_beams is not None:
-        proto["num_beams"] = num_beams
-    if renormalize is not None:
-        proto["renormalize"] = renormalize
+    proto = protocol(evaluation, k, mask_history) | (decoding or {})
     if slices is not None:
         proto["slices"] = slices.record()
         users = evaluation.predictions.column("user_idx").to_numpy()

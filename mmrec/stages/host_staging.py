@@ -3,10 +3,10 @@
 A background write must not read tensors that training goes on changing, so the training thread first takes a
 copy. Copying a fully fine-tuned LLM head with its AdamW state (some 1.7 GB) into freshly allocated pageable
 memory costs that thread time (allocation, page faults, a DMA staged through the driver's own buffer), and
-the stages save twice after most validations (the new best checkpoint and ``last.ckpt``). Beauty's fusion head
-lost some 2 s between every two epochs, on one GPU as on two, a third of every epoch under DDP
-(``bench/RESULTS.md``, session 11); these copies are the likeliest part of it. Buffers allocated once,
-page-locked when the tensors are on a GPU, and reused turn each copy into one DMA at the link's speed.
+the stages save twice after most validations (the new best checkpoint and ``last.ckpt``). Buffers allocated
+once, page-locked when the tensors are on a GPU, and reused turn each copy into one DMA at the link's speed.
+On one H200, Beauty's fusion head now spends 0.58 s between two epochs, most of it on these copies
+(``bench/RESULTS.md``, session 12: ``epoch_boundary_seconds`` and ``checkpoint_staging_s`` in every manifest).
 
 A set of buffers is reused only when the write that reads it is done: :meth:`HostStaging.stage` waits for a
 free set when all ``sets`` are being written (back-pressure: checkpoints cannot be taken faster than the disk

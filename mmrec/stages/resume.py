@@ -192,7 +192,8 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
     tensors, and reused (:mod:`mmrec.stages.host_staging`): the training thread pays one fast transfer a
     checkpoint; :attr:`staging_seconds` is what it paid in all. Lightning's plugin also removes a replaced
     top-k checkpoint and reads one at once, in the caller's thread: a removal could overtake the pending write
-    of the same file (leaving a stale best checkpoint behind) and a read could see an older file. Here removals queue behind the writes, and a read waits for them.
+    of the same file (leaving a stale best checkpoint behind) and a read could see an older file. Here removals
+    queue behind the writes, and a read waits for them.
     The stages :meth:`wait` for the last write as ``fit`` ends, then pass a barrier, so that no rank reads
     a checkpoint rank 0 is still writing. Lightning's ``save_last: link`` (a symlink made in the
     training thread) would not be ordered with the writes: the stages refuse it.

@@ -27,7 +27,7 @@ from mmrec.artifacts import Manifest, stage_output, write_table
 from mmrec.artifacts.schemas import PREDICTIONS, SLICE_MEMBERS
 from mmrec.errors import InputError
 from mmrec.evaluation.evaluate import evaluate, merge, split_loader
-from mmrec.evaluation.protocol import BeamSearch, PartialCatalog, checkpoint_of
+from mmrec.evaluation.protocol import BeamSearch, PartialCatalog, checkpoint_of, decoding_of
 from mmrec.evaluation.registry import load_recommender
 from mmrec.evaluation.report import format_table, metrics_document
 from mmrec.evaluation.slices import DEFAULT_HISTORY_BUCKETS, DEFAULT_SHARES, SliceSpec, check_spec
@@ -80,11 +80,15 @@ def unrankable_targets(
     return counts
 
 
-def output_name(model: str, split: str, mask_history: bool, num_beams: int | None = None, renormalize: bool | None = None) -> str:
+def output_name(
+    model: str, split: str, mask_history: bool, num_beams: int | None = None, renormalize: bool | None = None
+) -> str:
     """``<model>-<split>[-masked][-beams<N>][-renorm|-no-renorm]``: a sweep of the beam search's width or scoring
     does not overwrite the model's own figures."""
+    masked = "-masked" if mask_history else ""
+    beams = "" if num_beams is None else f"-beams{num_beams}"
     scoring = "" if renormalize is None else ("-renorm" if renormalize else "-no-renorm")
-    return f"{model}-{split}" + ("-masked" if mask_history else "") + ("" if num_beams is None else f"-beams{num_beams}") + scoring
+    return f"{model}-{split}{masked}{beams}{scoring}"
 
 
 def set_beam_search(recommender: object, model: str, num_beams: int | None, renormalize: bool | None) -> None:
@@ -176,8 +180,7 @@ def test(
         prepared=prepared, model=model, checkpoint=checkpoint_of(recommender), split=split, k=k,
         mask_history=mask_history, evaluation=evaluation, device=torch_device, wall_time_s=time.perf_counter() - start,
         precision="bf16" if bf16 else "32", slices=spec, unrankable=unrankable,
-        num_beams=recommender.beam_width(max(k)) if isinstance(recommender, BeamSearch) else None,
-        renormalize=recommender.renormalize if isinstance(recommender, BeamSearch) else None,
+        decoding=decoding_of(recommender, max(k)),
     )
     if fabric is not None and fabric.global_rank != 0:  # rank 0 writes
         return document
