@@ -15,6 +15,7 @@ under pytest would be pytest itself.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -22,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,18 +188,40 @@ def environment() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
-def run_ddp(stage: str, run: Path, *args: str, module: str = "mmrec.cli") -> None:
-    """Run a stage in its own process group; past TIMEOUT_S the whole group is killed, the ranks Lightning's
-    launcher started too (a rank blocked in a collective ignores SIGTERM and would hold its device)."""
-    process = subprocess.Popen(command(stage, run, *args, module=module), cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+def start_ddp(stage: str, run: Path, *args: str, module: str = "mmrec.cli") -> subprocess.Popen:
+    """Start a stage in its own process group (see :func:`finish`)."""
+    return subprocess.Popen(command(stage, run, *args, module=module), cwd=ROOT, env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(process: subprocess.Popen) -> None:
+    """Wait for a started stage; past TIMEOUT_S the whole group is killed, the ranks Lightning's launcher started
+    too (a rank blocked in a collective ignores SIGTERM and would hold its device)."""
     try:
         stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"{stage} still running after {TIMEOUT_S} s: {stderr[-4000:]}")
+        pytest.fail(f"{process.args[3]} still running after {TIMEOUT_S} s: {stderr[-4000:]}")
     assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
+
+
+def run_ddp(stage: str, run: Path, *args: str, module: str = "mmrec.cli") -> None:
+    finish(start_ddp(stage, run, *args, module=module))
+
+
+@contextlib.contextmanager
+def running(processes: list[subprocess.Popen]) -> Iterator[None]:
+    """Started stages, each waited for (:func:`finish`) when the block ends; a failure anywhere kills those still
+    running, so that no rank runs on into the tests after it."""
+    try:
+        yield
+        for process in processes:
+            finish(process)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def agree(path: Path) -> list[str]:
@@ -218,20 +242,22 @@ def make_run(path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def pipelines(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """The same chain run once in this process and once under DDP: ``(single, ddp)`` run directories."""
+    """The same chain run once in this process and once under DDP: ``(single, ddp)`` run directories.
+
+    The stages after fit-collab read its embeddings and the SIDs written here, not each other's folders, so
+    their DDP runs go at once: a launch is mostly two interpreters starting one after the other (Lightning's
+    launcher starts rank 1 when rank 0 reaches ``fit``), time that overlaps on a second core."""
     base = tmp_path_factory.mktemp("ddp")
     single, ddp = make_run(base / "single"), make_run(base / "ddp")
     run_ddp("fit-collab", ddp, *COLLAB.args, *agree(base / "fit-collab.agree"))
     assert mmrec(["fit-collab", "--run_dir", str(single), *COLLAB.args[:-len(DDP)]]) == 0
-    for run, distributed in ((single, False), (ddp, True)):
-        for folder, (stage, config) in STAGES.items():
-            if folder == "fit-recommender":
-                write_sids(run, suffix=True)  # unique SIDs, which the generative head needs
-            args = ["--config", str(CONF / config)]
-            if distributed:
-                run_ddp(stage, run, *args, *DDP, *agree(base / f"{folder}.agree"))
-            else:
-                assert mmrec([stage, "--run_dir", str(run), *args]) == 0
+    for run in (single, ddp):
+        write_sids(run, suffix=True)  # unique SIDs, which the generative head needs
+    started = [start_ddp(stage, ddp, "--config", str(CONF / config), *DDP, *agree(base / f"{folder}.agree"))
+               for folder, (stage, config) in STAGES.items()]
+    with running(started):
+        for stage, config in STAGES.values():
+            assert mmrec([stage, "--run_dir", str(single), "--config", str(CONF / config)]) == 0
     return single, ddp
 
 
@@ -336,15 +362,31 @@ def test_fit_collab_killed_under_ddp_resumes_to_the_same_result(pipelines: tuple
 
 
 # ------------------------------------------------------------------------------------ mmrec test, 2 processes
+TEST_MODELS = ["sasrec", "generative"]  # ranked by scores / by a decoded top-k list
+
+
+def evaluation_args(model: str) -> list[str]:
+    return ["--config", str(CONF / "test.yaml"), "--model", model, "--slices", "true"]
+
+
+@pytest.fixture(scope="module")
+def two_process_tests(pipelines: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """``mmrec test --devices 2`` of each model in ``TEST_MODELS``, each on a copy of the single-process chain, all at
+    once (as the chain's DDP launches): model -> its run directory."""
+    runs = {model: tmp_path_factory.mktemp(f"test-{model}") / "run" for model in TEST_MODELS}
+    for run in runs.values():
+        shutil.copytree(pipelines[0], run)
+    with running([start_ddp("test", run, *evaluation_args(model), "--device", "cpu", "--devices", "2") for model, run in runs.items()]):
+        pass
+    return runs
+
+
 @pytest.mark.usefixtures("single_thread")
-@pytest.mark.parametrize("model", ["sasrec", "generative"])  # ranked by scores / by a decoded top-k list
-def test_mmrec_test_on_two_processes_writes_what_one_process_writes(model: str, pipelines: tuple[Path, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", TEST_MODELS)
+def test_mmrec_test_on_two_processes_writes_what_one_process_writes(model: str, two_process_tests: dict[str, Path]) -> None:
     """``mmrec test --devices 2``: each process evaluates a shard of the users, rank 0 writes; the metrics,
     slices and predictions equal a single-process evaluation of the same model."""
-    run = tmp_path / "run"
-    shutil.copytree(pipelines[0], run)
-    args = ["--config", str(CONF / "test.yaml"), "--model", model, "--slices", "true"]
-    run_ddp("test", run, *args, "--device", "cpu", "--devices", "2")
+    run, args = two_process_tests[model], evaluation_args(model)
     two = json.loads((run / "test" / f"{model}-test" / "metrics.json").read_text())
     two_predictions = pq.read_table(run / "test" / f"{model}-test" / "predictions.parquet")
     assert Manifest.read(run / "test" / f"{model}-test").config["devices"] == 2
