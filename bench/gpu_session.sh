@@ -47,7 +47,9 @@
 #                   then its options, on its inputs), scored on SPLIT. VARIANTS (default "distill no-distill"; "" none) are
 #                   tested variant by variant, SEEDS each, so that a session cut short ends with whole variants; a
 #                   word VARIANT@valid in VARIANTS scores one seed (42) on the validation split in that place, the
-#                   next configuration's choice; VAL_VARIANTS (default none) are such words after VARIANTS
+#                   next configuration's choice; a word VARIANT@SEED tests that one seed in that place, not
+#                   summarised (a seed an earlier session's cut left out: its figures go to
+#                   OUT/RESULTS-seeds-single.md); VAL_VARIANTS (default none) are such words after VARIANTS
 #                   (VAL_FIRST=1: ahead of them). Once a variant's test seeds are done, bench_seeds.py's mean ± std
 #                   and `mmrec compare` against SASRec's seeds on the same prepare go to OUT/RESULTS.md;
 #   refinement      (above).
@@ -430,14 +432,20 @@ PY
   phase seeds || WORDS=
   phase ddp-quality && READ[llm]=1
   for word in $WORDS; do
-    variant=${word%@valid}
+    case $word in
+      *@valid) variant=${word%@valid} job=$variant@42@valid ;;
+      *@*)
+        variant=${word%@*} job=$word@test
+        if [[ ! ${word##*@} =~ ^[0-9]+$ ]]; then stamp "seeds: $word is neither VARIANT@valid nor VARIANT@SEED, left out"; continue; fi ;;
+      *) variant=$word job= ;;
+    esac
     if [ -z "${VARIANT[$variant]+set}" ]; then stamp "seeds: no variant $variant, left out"; continue; fi
     READ[${INPUTS_OF[$variant]:-llm}]=1
-    if [ "$word" = "$variant" ]; then
+    if [ -z "$job" ]; then
       TESTED+=("$variant")
       for seed in $SEEDS; do SEED_JOBS+=("$variant@$seed@test"); done
     else
-      SEED_JOBS+=("$variant@42@valid")
+      SEED_JOBS+=("$job")
     fi
   done
   JOBS=()
