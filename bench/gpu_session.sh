@@ -12,8 +12,9 @@
 #                   (default runs/beauty);
 #   seeds           the variants' seeds and what they need, jobs of the queue below;
 #   refinement      (not in the default list) one job of the queue, its last (REFINE_FIRST=1: its first, so that
-#                   it holds one GPU from the start): issue 18's prepare with and without SmolLM2-refined titles,
-#                   text-only SIDs and retrieval (bench/bench_text_refinement.py);
+#                   it holds one GPU from the start; REFINE_BESIDE=1: not queued but run on GPU 0 beside its queue
+#                   from the start, a few GiB, its wall time then an upper bound): issue 18's prepare with and
+#                   without SmolLM2-refined titles, text-only SIDs and retrieval (bench/bench_text_refinement.py);
 #   gpu-tests       GPUs 0 and 1 once the pipeline is done: tests/test_gpu.py (`make test-gpu`: the LLM heads
 #                   under FSDP and DDP over NCCL), beside the queue's jobs;
 #   ddp-quality     the shipped fusion config under DDP on 2 GPUs (configs/strategies/fit-recommender-ddp.yaml),
@@ -458,7 +459,9 @@ PY
   [ -n "${READ[mse]:-}" ] && JOBS+=(inputs@mse)
   JOBS+=("${SEED_JOBS[@]}")
   phase ddp-quality && JOBS=(shipped@42@test "${JOBS[@]}")
-  if phase refinement; then if [ -n "${REFINE_FIRST:-}" ]; then JOBS=(refinement "${JOBS[@]}"); else JOBS+=(refinement); fi; fi
+  if phase refinement && [ -z "${REFINE_BESIDE:-}" ]; then
+    if [ -n "${REFINE_FIRST:-}" ]; then JOBS=(refinement "${JOBS[@]}"); else JOBS+=(refinement); fi
+  fi
   QUEUE=runs/seeds-queue && rm -rf "$QUEUE" runs/seeds-inputs runs/seeds/sasrec-*.done && mkdir -p "$QUEUE" runs/seeds
 
   if [ -n "${READ[llm]:-}${READ[mse]:-}" ]; then
@@ -499,6 +502,10 @@ PY
   fi
   if [ -n "$pipeline" ]; then wait "$pipeline"; pipeline=; fi  # GPU 0 times the pipeline alone
   worker 0 &
+  if phase refinement && [ -n "${REFINE_BESIDE:-}" ]; then
+    # light beside GPU 0's queue (a 135M model generating, MiniLM, a small quantizer: a few GiB), from the start
+    mkdir -p "$QUEUE/refinement" && run_job 0 refinement &
+  fi
   if [ -n "${NEW_BESIDE:-}" ] && [ -z "${NEW_INPUTS:-}" ]; then
     (  # light beside GPU 0's queue (MiniLM, SASRec, the quantizer: a few GiB), after the timing reference if any
       if phase ddp-quality; then wait_for "$QUEUE/shipped@42@test/done"; fi
