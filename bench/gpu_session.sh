@@ -180,8 +180,9 @@ if phase seeds || phase refinement || phase ddp-quality; then
     # TIGER's own setting: the history and the target written as text SIDs (the item's content) instead of collab SIDs
     [generative-long-text-sids]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.sid_modality text"
     # issue 16: text SIDs, since no new item has a collab SID, and `mmrec test --slices true` refuses a model that
-    # cannot write some of the targets
-    [new-items-generative]="--model.init_args.sid_modality text"
+    # cannot write some of the targets; trained to convergence, as the fusion rows it is compared with (early
+    # stopping, no time cap)
+    [new-items-generative]="--config configs/beauty/fit-recommender-generative-long.yaml|--model.init_args.sid_modality text"
     # the shipped config on 2 GPUs under DDP: ddp_job's, never a queued job (a worker holds one GPU)
     [ddp]="--config configs/strategies/fit-recommender-ddp.yaml|--trainer.devices 2"
   )
