@@ -202,7 +202,8 @@ def finish(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"{process.args[3]} still running after {TIMEOUT_S} s: {stderr[-4000:]}")
+        stage = process.args[3]  # command(): python -m MODULE STAGE ...
+        pytest.fail(f"{stage} still running after {TIMEOUT_S} s: {stderr[-4000:]}")
     assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
 
 

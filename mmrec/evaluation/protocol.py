@@ -63,6 +63,7 @@ class PartialCatalog(Protocol):
         """``[num_items]`` bool: True for every item the model can never put in a ranking."""
         ...
 
+
 @runtime_checkable
 class BeamSearch(Protocol):
     """A model that decodes its list by beam search, whose width ``mmrec test --num_beams`` and scoring
