@@ -48,7 +48,7 @@ def transfer(part: Path, far: Path) -> Path:
     return arrived
 
 
-def test_parts_arrive_whole_in_packing_order(tmp_path: Path, sources: dict[str, Path]) -> None:
+def test_an_archive_lands_whole_once_its_last_part_arrives(tmp_path: Path, sources: dict[str, Path]) -> None:
     dest, target = tmp_path / "bundle", tmp_path / "far" / "root"
     packed = bundle("pack", dest, "--part_mb", 0.01, "--archive", "models", f"text={sources['folder']}",
                     f"smollm2.gguf={sources['weights']}", "--archive", "start", sources["readme"])
