@@ -82,13 +82,17 @@ def pack(dest: Path, archive: str, entries: list[tuple[str, Path]], part_bytes: 
 def collect(source: Path, target: Path) -> list[str]:
     """Copy the parts under ``source`` into ``target/.parts``; unpack each archive now complete.
 
-    Returns one line per archive seen so far: unpacked, or which parts it still waits for.
+    Returns one line per archive still open or unpacked now: which parts it waits for, or what it unpacked. A part
+    of an archive already unpacked, the same packing, is ignored: the machine may keep an earlier transfer's files.
     """
     store = target / ".parts"
     store.mkdir(parents=True, exist_ok=True)
     for manifest_path in sorted(source.glob(f"*-*of*/{MANIFEST}")):
         folder = manifest_path.parent
         manifest = json.loads(manifest_path.read_text())
+        if unpacked_mark(store, manifest["archive"]).exists() and \
+                unpacked_mark(store, manifest["archive"]).read_text() == manifest["sha256"]:
+            continue  # a part left over from an earlier transfer: unpacking again would pull files from under readers
         archive_store = store / manifest["archive"]
         stored = archive_store / MANIFEST
         if stored.exists() and json.loads(stored.read_text())["sha256"] != manifest["sha256"]:
@@ -106,8 +110,14 @@ def collect(source: Path, target: Path) -> list[str]:
             continue
         unpack(archive_store, manifest, target)
         shutil.rmtree(archive_store)
+        unpacked_mark(store, manifest["archive"]).write_text(manifest["sha256"])
         lines.append(f"{manifest['archive']}: unpacked {', '.join(manifest['entries'])} into {target}")
     return lines
+
+
+def unpacked_mark(store: Path, archive: str) -> Path:
+    """The file that holds the SHA-256 of ``archive`` as last unpacked."""
+    return store / f"{archive}.unpacked"
 
 
 def unpack(archive_store: Path, manifest: dict, target: Path) -> None:

@@ -70,6 +70,10 @@ def test_an_archive_lands_whole_once_its_last_part_arrives(tmp_path: Path, sourc
     shown = bundle("unpack", transfer(dest / "start-1of1", tmp_path / "far"), target)
     assert shown.returncode == 0 and (target / "README.md").read_text() == "raw data\n"
 
+    (target / "README.md").write_text("read by a job")  # an earlier transfer's part still there: left alone
+    shown = bundle("unpack", transfer(dest / "start-1of1", tmp_path / "far"), target)
+    assert shown.returncode == 0 and shown.stdout == "\n" and (target / "README.md").read_text() == "read by a job"
+
 
 def test_a_corrupt_part_is_refused_and_nothing_lands(tmp_path: Path, sources: dict[str, Path]) -> None:
     dest, target = tmp_path / "bundle", tmp_path / "far" / "root"
