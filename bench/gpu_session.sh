@@ -349,7 +349,10 @@ PY
   }
   refinement_job() {  # GPU
     wait_for "$GGUF"
-    CUDA_VISIBLE_DEVICES=$1 python3 bench/bench_text_refinement.py --runs runs/refine-bench --model "$GGUF" \
+    # batches of 1,024 prompts, not the script's 256: a 135M model's greedy step should be mostly per-step overhead at
+    # these sizes, so a quarter of the steps (not measured yet; the manifest's wall time will say); the float32 KV
+    # cache of 1,024 prompts is some 12 GiB, beside a generative job's 87 GiB peak on one H200
+    CUDA_VISIBLE_DEVICES=$1 python3 bench/bench_text_refinement.py --runs runs/refine-bench --model "$GGUF" --batch_size 1024 \
       --prepare_option "--text.model $TEXT" --prepare_option "--source.init_args.sequences $DATA/user_sequences.txt" \
       --prepare_option "--source.init_args.items $DATA/items.csv" --results "$OUT/RESULTS.md" >"$OUT/refinement.log" 2>&1
   }
