@@ -90,8 +90,8 @@ def collect(source: Path, target: Path) -> list[str]:
     for manifest_path in sorted(source.glob(f"*-*of*/{MANIFEST}")):
         folder = manifest_path.parent
         manifest = json.loads(manifest_path.read_text())
-        if unpacked_mark(store, manifest["archive"]).exists() and \
-                unpacked_mark(store, manifest["archive"]).read_text() == manifest["sha256"]:
+        mark = unpacked_mark(store, manifest["archive"])
+        if mark.exists() and mark.read_text() == manifest["sha256"]:
             continue  # a part left over from an earlier transfer: unpacking again would pull files from under readers
         archive_store = store / manifest["archive"]
         stored = archive_store / MANIFEST
