@@ -59,8 +59,7 @@ def pack(dest: Path, archive: str, entries: list[tuple[str, Path]], part_bytes: 
     with tarfile.open(tarball, "w:gz", compresslevel=1) as tar:
         for name, source in entries:
             tar.add(source, arcname=name)
-    size = tarball.stat().st_size
-    count = max(1, math.ceil(size / part_bytes))
+    count = max(1, math.ceil(tarball.stat().st_size / part_bytes))
     digest = hashlib.sha256()
     folders = []
     with tarball.open("rb") as whole:
@@ -72,7 +71,7 @@ def pack(dest: Path, archive: str, entries: list[tuple[str, Path]], part_bytes: 
             (folder / PART).write_bytes(data)
             folders.append(folder)
     tarball.unlink()
-    manifest = {"archive": archive, "parts": count, "bytes": size, "sha256": digest.hexdigest(),
+    manifest = {"archive": archive, "parts": count, "sha256": digest.hexdigest(),
                 "entries": [name for name, _ in entries]}
     for folder in folders:
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
