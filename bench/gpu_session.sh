@@ -41,7 +41,9 @@
 #                   later session's NEW_INPUTS);
 #   sasrec@llm      SASRec's SEEDS (default 42 43 44) on the llm inputs' prepare (queued when a variant is tested
 #                   on the llm or mse inputs and SASREC_TESTS is not given);
-#   sasrec@new      the same on NEW_INPUTS' prepare (queued when NEW_INPUTS is given and NEW_SASREC_TESTS is not);
+#   sasrec@new      the same on NEW_INPUTS' prepare (queued when NEW_INPUTS is given and NEW_SASREC_TESTS is not;
+#                   NEW_BESIDE=1: never queued, but run on GPU 0 beside its queue like inputs@new, so that the
+#                   variants that compare with it need not wait for it);
 #   inputs@mse      the quantizer ablation's SIDs: llm's prepare and fit-collab, a quantizer with MSE
 #                   reconstruction (queued when a variant reads them);
 #   VARIANT@SEED@SPLIT  one seed of one variant of the VARIANT table (bench/bench_seeds.py: its head's config,
@@ -455,7 +457,7 @@ PY
   done
   JOBS=()
   if [ -n "${READ[new]:-}" ]; then
-    if [ -z "${NEW_INPUTS:-}" ]; then [ -n "${NEW_BESIDE:-}" ] || JOBS+=(inputs@new); elif [ -z "${NEW_SASREC_TESTS:-}" ]; then JOBS+=(sasrec@new); fi
+    if [ -z "${NEW_INPUTS:-}" ]; then [ -n "${NEW_BESIDE:-}" ] || JOBS+=(inputs@new); elif [ -z "${NEW_SASREC_TESTS:-}" ]; then [ -n "${NEW_BESIDE:-}" ] || JOBS+=(sasrec@new); fi
   fi
   for variant in "${TESTED[@]}"; do
     if [ "$(baseline_of "${INPUTS_OF[$variant]:-llm}")" = llm ] && [ -z "${SASREC_TESTS:-}" ]; then JOBS+=(sasrec@llm); break; fi
@@ -510,10 +512,14 @@ PY
     # light beside GPU 0's queue (a 135M model generating, MiniLM, a small quantizer: a few GiB), from the start
     mkdir -p "$QUEUE/refinement" && run_job 0 refinement &
   fi
-  if [ -n "${NEW_BESIDE:-}" ] && [ -z "${NEW_INPUTS:-}" ]; then
-    (  # light beside GPU 0's queue (MiniLM, SASRec, the quantizer: a few GiB), after the timing reference if any
+  BESIDE_JOB=  # light beside GPU 0's queue (MiniLM, SASRec, the quantizer: a few GiB)
+  if [ -z "${NEW_BESIDE:-}" ]; then :
+  elif [ -z "${NEW_INPUTS:-}" ]; then BESIDE_JOB=inputs@new
+  elif [ -n "${READ[new]:-}" ] && [ -z "${NEW_SASREC_TESTS:-}" ]; then BESIDE_JOB=sasrec@new; fi
+  if [ -n "$BESIDE_JOB" ]; then
+    (  # after the timing reference if any
       if phase ddp-quality; then wait_for "$QUEUE/shipped@42@test/done"; fi
-      mkdir -p "$QUEUE/inputs@new" && run_job 0 inputs@new
+      mkdir -p "$QUEUE/$BESIDE_JOB" && run_job 0 "$BESIDE_JOB"
     ) &
   fi
   # not a bare wait for the summaries: that would also wait for the workers
