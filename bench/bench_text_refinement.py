@@ -25,7 +25,10 @@ alone) and ``mmrec assign-sids``. It reports
   ``bench/bench_seeds.py``'s runs in ``<runs>/<variant>-fusion/seed<N>/`` (``mmrec fit-recommender`` with
   ``--trainer.max_time null`` so that early stopping, not a shared GPU's speed, ends it, and ``mmrec test
   --model fusion`` on the test split), its mean ± std over seeds, and ``mmrec compare`` of the refined seeds
-  against the plain ones. ``--fusion_gpus 0 1`` runs the two variants at once, one GPU each, after the text part.
+  against the plain ones. On one GPU both variants' inputs are made first, then the seeds go plain, refined, seed
+  by seed; ``--fusion_gpus 0 1`` runs the two variants at once, one GPU each, after the text part. A variant's
+  stages made elsewhere (``<runs>/plain`` and ``<runs>/plain-sids`` on a CPU, say: the plain variant needs no
+  language model) are used as they are.
   The refined variant cannot reuse the plain variant's SASRec although SASRec reads only the interactions:
   ``text_refined`` makes the two ``items.parquet`` differ, and every stage refuses a ``fit-collab`` of another
   items table (``RunFolder.open``'s lineage check). Both train it with the same config and seed; the section
@@ -54,7 +57,7 @@ from pathlib import Path
 import bench_seeds
 import numpy as np
 import torch
-from common import RESULTS, append_section, git_commit, machine, mmrec, option_words, read_json
+from common import RESULTS, append_section, git_commit, machine, mmrec, option_words, read_json, read_json_if_any
 
 from mmrec.metrics.ranking import RankingMetrics, target_ranks
 
@@ -117,10 +120,21 @@ def prepare_args(args: argparse.Namespace, variant: str) -> list[str]:
             str(args.batch_size), "--text.refine.max_rounds", str(args.max_rounds)]
 
 
+def failed_batches(run_dir: Path) -> int:
+    """Generation batches that raised in the refinement of ``run_dir``'s prepare (0 without one): their items
+    kept their titles, so the variant would not measure refined text (beside a training run that held nearly
+    all of the GPU's memory, every batch once ran out of memory, and the row showed the plain variant's figures
+    under the refined variant's name)."""
+    manifest = read_json_if_any(run_dir / "prepare" / "manifest.json") or {}
+    return manifest.get("extra", {}).get("text_refine", {}).get("failed_batches", 0)
+
+
 def run_variant(args: argparse.Namespace, variant: str) -> dict[str, float]:
-    """Prepare, quantize text alone and assign SIDs in ``<runs>/<variant>``; returns the commands' wall times."""
+    """Prepare, quantize text alone and assign SIDs in ``<runs>/<variant>``; returns the commands' wall times. A
+    variant already done is not run again, unless batches of its refinement raised: the cache keeps the items
+    that were refined, and the run retries the others."""
     run_dir = args.runs / variant
-    if (run_dir / "assign-sids" / "report.json").is_file():
+    if (run_dir / "assign-sids" / "report.json").is_file() and not failed_batches(run_dir):
         print(f"{variant}: {run_dir}/assign-sids/report.json exists, not run again", flush=True)
         return {}
     times = {"prepare": mmrec("prepare", "--config", args.config, "--run_dir", str(run_dir), *prepare_args(args, variant))}
@@ -212,11 +226,15 @@ def train_fusion(args: argparse.Namespace, variant: str, gpu: str | None = None)
 
 
 def train_all_fusion(args: argparse.Namespace) -> None:
-    """Both variants' fusion runs: one after the other, or with ``--fusion_gpus`` at once, a process and a GPU each
-    (the same GPU time, half the wall time: what lets the benchmark end within one machine loan)."""
+    """Both variants' fusion runs. On one GPU, both variants' inputs first, then seed by seed a plain and a refined
+    run, so that a session cut short leaves seeds that pair; with ``--fusion_gpus`` at once, a process and a GPU
+    each (the same GPU time, half the wall time)."""
     if not args.fusion_gpus:
         for variant in VARIANTS:
-            train_fusion(args, variant)
+            fusion_inputs(args, variant)
+        for seed in args.fusion_seeds:
+            for variant in VARIANTS:
+                bench_seeds.run_seed(seeds_args(args, variant), seed)
         return
     with ProcessPoolExecutor(len(VARIANTS), mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(train_fusion, [args] * len(VARIANTS), VARIANTS, args.fusion_gpus))
@@ -289,7 +307,8 @@ def parse_args() -> argparse.Namespace:
                         help="an mmrec fit-recommender option (repeatable), after `--trainer.max_time null`: the backbone")
     fusion.add_argument("--test_config", default="configs/beauty/test.yaml", help="mmrec test config (the test split)")
     fusion.add_argument("--fusion_gpus", nargs="*", default=[], metavar="GPU",
-                        help="two GPU ids: the plain and the refined runs at once, one on each (none: one after the other)")
+                        help="two GPU ids: the plain and the refined runs at once, one on each (none: on one GPU, seed "
+                        "by seed, plain then refined)")
     args = parser.parse_args()
     if args.fusion_gpus and len(args.fusion_gpus) != len(VARIANTS):
         parser.error(f"--fusion_gpus takes {len(VARIANTS)} GPU ids, one a variant, or none")
@@ -299,7 +318,12 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    rows = [variant_row(args, variant, run_variant(args, variant)) for variant in VARIANTS]
+    times = {variant: run_variant(args, variant) for variant in VARIANTS}
+    if failed := failed_batches(args.runs / "refined"):
+        raise SystemExit(f"bench_text_refinement: {args.runs / 'refined'}/prepare: generation raised for {failed} "
+                         "batch(es) (prepare's warning says why); no section written, since those items kept their "
+                         "titles. Free the GPU or lower --batch_size and run again: the cache keeps what was refined")
+    rows = [variant_row(args, variant, times[variant]) for variant in VARIANTS]
     if args.fusion_seeds:
         train_all_fusion(args)
     fusion = [fusion_section(args, variant) for variant in VARIANTS] if args.fusion_seeds else []

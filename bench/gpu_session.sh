@@ -12,9 +12,12 @@
 #                   (default runs/beauty);
 #   seeds           the variants' seeds and what they need, jobs of the queue below;
 #   refinement      (not in the default list) one job of the queue, its last (REFINE_FIRST=1: its first, so that
-#                   it holds one GPU from the start; REFINE_BESIDE=1: not queued but run on GPU 0 beside its queue
-#                   from the start, a few GiB, its wall time then an upper bound): issue 18's prepare with and
-#                   without SmolLM2-refined titles, text-only SIDs and retrieval (bench/bench_text_refinement.py);
+#                   it holds one GPU from the start; never beside a training job: session 15 ran it beside a
+#                   generative run, which held 135 of the H200's 140 GiB, and every generation batch ran out of
+#                   memory): issue 18's prepare with and without SmolLM2-refined titles, text-only SIDs and
+#                   retrieval (bench/bench_text_refinement.py); REFINE_FUSION=1: then the fusion head on both, SEEDS
+#                   each; REFINE_INPUTS=DIR: the plain variant's folders made elsewhere (DIR/plain, DIR/plain-sids,
+#                   on a CPU: it needs no language model), used as they are;
 #   gpu-tests       GPUs 0 and 1 once the pipeline is done: tests/test_gpu.py (`make test-gpu`: the LLM heads
 #                   under FSDP and DDP over NCCL), beside the queue's jobs;
 #   ddp-quality     the shipped fusion config under DDP on 2 GPUs (configs/strategies/fit-recommender-ddp.yaml),
@@ -350,13 +353,23 @@ PY
     publish mse "$run" prepare fit-collab assign-sids
   }
   refinement_job() {  # GPU
+    local fusion=() folder
     wait_for "$GGUF"
+    if [ -n "${REFINE_INPUTS:-}" ]; then
+      mkdir -p runs/refine-bench
+      for folder in "$REFINE_INPUTS"/*/; do rm -rf "runs/refine-bench/$(basename "$folder")" && cp -r "$folder" runs/refine-bench/; done
+    fi
+    # SASRec in float32 and not compiled: what a CPU makes the plain variant's with (REFINE_INPUTS), so that both
+    # variants' SASRecs are trained alike
+    [ -z "${REFINE_FUSION:-}" ] || fusion=(--fusion_seeds $SEEDS --fusion_option "--model.backbone.name_or_path $GGUF"
+      --fusion_option "--data.num_workers 4" --collab_option "--trainer.precision 32" --collab_option "--model.compile false")
     # batches of 1,024 prompts, not the script's 256: a 135M model's greedy step should be mostly per-step overhead at
-    # these sizes, so a quarter of the steps (not measured yet; the manifest's wall time will say); the float32 KV
-    # cache of 1,024 prompts is some 12 GiB, beside a generative job's 87 GiB peak on one H200
+    # these sizes, so a quarter of the steps (the manifest's wall time says); the float32 KV cache of 1,024 prompts
+    # is some 12 GiB
     CUDA_VISIBLE_DEVICES=$1 python3 bench/bench_text_refinement.py --runs runs/refine-bench --model "$GGUF" --batch_size 1024 \
       --prepare_option "--text.model $TEXT" --prepare_option "--source.init_args.sequences $DATA/user_sequences.txt" \
-      --prepare_option "--source.init_args.items $DATA/items.csv" --results "$OUT/RESULTS.md" >"$OUT/refinement.log" 2>&1
+      --prepare_option "--source.init_args.items $DATA/items.csv" "${fusion[@]}" --results "$OUT/RESULTS.md" \
+      >"$OUT/refinement.log" 2>&1
   }
   run_job() {  # GPU JOB
     local gpu=$1 job=$2 variant seed split
@@ -465,7 +478,7 @@ PY
   [ -n "${READ[mse]:-}" ] && JOBS+=(inputs@mse)
   JOBS+=("${SEED_JOBS[@]}")
   phase ddp-quality && JOBS=(shipped@42@test "${JOBS[@]}")
-  if phase refinement && [ -z "${REFINE_BESIDE:-}" ]; then
+  if phase refinement; then
     if [ -n "${REFINE_FIRST:-}" ]; then JOBS=(refinement "${JOBS[@]}"); else JOBS+=(refinement); fi
   fi
   QUEUE=runs/seeds-queue && rm -rf "$QUEUE" runs/seeds-inputs runs/seeds/sasrec-*.done && mkdir -p "$QUEUE" runs/seeds
@@ -508,10 +521,6 @@ PY
   fi
   if [ -n "$pipeline" ]; then wait "$pipeline"; pipeline=; fi  # GPU 0 times the pipeline alone
   worker 0 &
-  if phase refinement && [ -n "${REFINE_BESIDE:-}" ]; then
-    # light beside GPU 0's queue (a 135M model generating, MiniLM, a small quantizer: a few GiB), from the start
-    mkdir -p "$QUEUE/refinement" && run_job 0 refinement &
-  fi
   BESIDE_JOB=  # light beside GPU 0's queue (MiniLM, SASRec, the quantizer: a few GiB)
   if [ -z "${NEW_BESIDE:-}" ]; then :
   elif [ -z "${NEW_INPUTS:-}" ]; then BESIDE_JOB=inputs@new

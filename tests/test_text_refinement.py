@@ -289,3 +289,50 @@ def test_bench_fusion_seeds_run_through_bench_seeds(monkeypatch: pytest.MonkeyPa
     assert (refined.prepared, refined.runs) == (runs / "refined-sids", runs / "refined-fusion")
     assert refined.baseline_runs == [runs / "plain-fusion" / "seed42", runs / "plain-fusion" / "seed43"]
     assert "plain" in plain.label and "refined" in refined.label
+
+
+def test_bench_refuses_a_refinement_whose_batches_raised(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Batches that raised leave their items with their titles: the variant is run again (the cache keeps what
+    was refined), and while any still raise, no section is written, rather than plain figures under 'refined'."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("bench_text_refinement")
+    refined = tmp_path / "refined"
+    (refined / "prepare").mkdir(parents=True)
+    (refined / "assign-sids").mkdir()
+    (refined / "assign-sids" / "report.json").write_text("{}")
+
+    def write_refine(failed: int) -> None:
+        (refined / "prepare" / "manifest.json").write_text(json.dumps({"extra": {"text_refine": {"failed_batches": failed}}}))
+
+    commands: list[str] = []
+    monkeypatch.setattr(bench, "mmrec", lambda stage, *words: commands.append(stage) or 1.0)
+    args = argparse.Namespace(runs=tmp_path, config="p.yaml", quantizer_config="q.yaml", sids_config="s.yaml",
+                              prepare_option=[], quantizer_option=[], model="smollm2", batch_size=8, max_rounds=2)
+    write_refine(0)
+    assert bench.failed_batches(refined) == 0 and bench.failed_batches(tmp_path / "plain") == 0
+    assert bench.run_variant(args, "refined") == {} and commands == []  # done: not run again
+    write_refine(3)
+    assert bench.failed_batches(refined) == 3
+    assert set(bench.run_variant(args, "refined")) == {"prepare", "fit-quantizer", "assign-sids"}
+
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(bench, "run_variant", lambda args, variant: {})
+    monkeypatch.setattr("sys.argv", ["bench_text_refinement.py", "--runs", str(tmp_path), "--results", str(results)])
+    with pytest.raises(SystemExit, match="raised for 3 batch"):
+        bench.main()
+    assert not results.exists()
+
+
+def test_bench_fusion_seeds_pair_up_on_one_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """On one GPU both variants' inputs come first, then each seed's plain and refined runs, so that a session
+    cut short leaves seeds that pair."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("bench_text_refinement")
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(bench, "fusion_inputs", lambda args, variant: calls.append(("inputs", variant)))
+    monkeypatch.setattr(bench.bench_seeds, "run_seed", lambda seeds, seed: calls.append((seeds.runs.name, str(seed))))
+    args = argparse.Namespace(runs=tmp_path, fusion_seeds=[42, 43], fusion_config=["f.yaml"], test_config="t.yaml",
+                              fusion_option=[], fusion_gpus=[])
+    bench.train_all_fusion(args)
+    assert calls == [("inputs", "plain"), ("inputs", "refined"), ("plain-fusion", "42"), ("refined-fusion", "42"),
+                     ("plain-fusion", "43"), ("refined-fusion", "43")]
