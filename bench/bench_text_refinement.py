@@ -26,9 +26,8 @@ alone) and ``mmrec assign-sids``. It reports
   ``--trainer.max_time null`` so that early stopping, not a shared GPU's speed, ends it, and ``mmrec test
   --model fusion`` on the test split), its mean ± std over seeds, and ``mmrec compare`` of the refined seeds
   against the plain ones. On one GPU both variants' inputs are made first, then the seeds go plain, refined, seed
-  by seed; ``--fusion_gpus 0 1`` runs the two variants at once, one GPU each, after the text part. A variant's
-  stages made elsewhere (``<runs>/plain`` and ``<runs>/plain-sids`` on a CPU, say: the plain variant needs no
-  language model) are used as they are.
+  by seed; ``--fusion_gpus 0 1`` runs the two variants at once, one GPU each, after the text part. Make both
+  variants on one machine: the same titles gave 113 text-SID collisions on an H200 and 139 on a CPU.
   The refined variant cannot reuse the plain variant's SASRec although SASRec reads only the interactions:
   ``text_refined`` makes the two ``items.parquet`` differ, and every stage refuses a ``fit-collab`` of another
   items table (``RunFolder.open``'s lineage check). Both train it with the same config and seed; the section

@@ -16,8 +16,8 @@
 #                   generative run, which held 135 of the H200's 140 GiB, and every generation batch ran out of
 #                   memory): issue 18's prepare with and without SmolLM2-refined titles, text-only SIDs and
 #                   retrieval (bench/bench_text_refinement.py); REFINE_FUSION=1: then the fusion head on both, SEEDS
-#                   each; REFINE_INPUTS=DIR: the plain variant's folders made elsewhere (DIR/plain, DIR/plain-sids,
-#                   on a CPU: it needs no language model), used as they are;
+#                   each (every variant made here: the text-SID collisions of identical titles were 113 on an H200
+#                   and 139 on a CPU, so a variant made on another machine would measure the machine too);
 #   gpu-tests       GPUs 0 and 1 once the pipeline is done: tests/test_gpu.py (`make test-gpu`: the LLM heads
 #                   under FSDP and DDP over NCCL), beside the queue's jobs;
 #   ddp-quality     the shipped fusion config under DDP on 2 GPUs (configs/strategies/fit-recommender-ddp.yaml),
@@ -353,16 +353,10 @@ PY
     publish mse "$run" prepare fit-collab assign-sids
   }
   refinement_job() {  # GPU
-    local fusion=() folder
+    local fusion=()
     wait_for "$GGUF"
-    if [ -n "${REFINE_INPUTS:-}" ]; then
-      mkdir -p runs/refine-bench
-      for folder in "$REFINE_INPUTS"/*/; do rm -rf "runs/refine-bench/$(basename "$folder")" && cp -r "$folder" runs/refine-bench/; done
-    fi
-    # SASRec in float32 and not compiled: what a CPU makes the plain variant's with (REFINE_INPUTS), so that both
-    # variants' SASRecs are trained alike
     [ -z "${REFINE_FUSION:-}" ] || fusion=(--fusion_seeds $SEEDS --fusion_option "--model.backbone.name_or_path $GGUF"
-      --fusion_option "--data.num_workers 4" --collab_option "--trainer.precision 32" --collab_option "--model.compile false")
+      --fusion_option "--data.num_workers 4")
     # batches of 1,024 prompts, not the script's 256: a 135M model's greedy step should be mostly per-step overhead at
     # these sizes, so a quarter of the steps (the manifest's wall time says); the float32 KV cache of 1,024 prompts
     # is some 12 GiB
