@@ -213,11 +213,10 @@ def seeds_args(args: argparse.Namespace, variant: str) -> argparse.Namespace:
     return bench_seeds.parse_args(words)
 
 
-def train_fusion(args: argparse.Namespace, variant: str, gpu: str | None = None) -> None:
-    """Make a variant's inputs, then train and test the fusion head for every seed, on GPU ``gpu`` when given
-    (this process then runs this variant alone: its stages inherit the setting)."""
-    if gpu is not None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+def train_fusion_on_gpu(args: argparse.Namespace, variant: str, gpu: str) -> None:
+    """Make a variant's inputs, then train and test the fusion head for every seed, on GPU ``gpu`` (this process,
+    one of ``--fusion_gpus``' pool, runs this variant alone: its stages inherit the setting)."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     fusion_inputs(args, variant)
     seeds = seeds_args(args, variant)
     for seed in seeds.seeds:
@@ -236,7 +235,7 @@ def train_all_fusion(args: argparse.Namespace) -> None:
                 bench_seeds.run_seed(seeds_args(args, variant), seed)
         return
     with ProcessPoolExecutor(len(VARIANTS), mp_context=multiprocessing.get_context("spawn")) as pool:
-        list(pool.map(train_fusion, [args] * len(VARIANTS), VARIANTS, args.fusion_gpus))
+        list(pool.map(train_fusion_on_gpu, [args] * len(VARIANTS), VARIANTS, args.fusion_gpus))
 
 
 def fusion_section(args: argparse.Namespace, variant: str) -> str:
