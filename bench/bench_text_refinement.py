@@ -25,8 +25,8 @@ alone) and ``mmrec assign-sids``. It reports
   ``bench/bench_seeds.py``'s runs in ``<runs>/<variant>-fusion/seed<N>/`` (``mmrec fit-recommender`` with
   ``--trainer.max_time null`` so that early stopping, not a shared GPU's speed, ends it, and ``mmrec test
   --model fusion`` on the test split), its mean ± std over seeds, and ``mmrec compare`` of the refined seeds
-  against the plain ones. On one GPU both variants' inputs are made first, then the seeds go plain, refined, seed
-  by seed; ``--fusion_gpus 0 1`` runs the two variants at once, one GPU each, after the text part. Make both
+  against the plain ones. On one GPU both variants' inputs are made first, at once, then the seeds go plain,
+  refined, seed by seed; ``--fusion_gpus 0 1`` runs the two variants at once, one GPU each, after the text part. Make both
   variants on one machine: the same titles gave 113 text-SID collisions on an H200 and 139 on a CPU.
   The refined variant cannot reuse the plain variant's SASRec although SASRec reads only the interactions:
   ``text_refined`` makes the two ``items.parquet`` differ, and every stage refuses a ``fit-collab`` of another
@@ -34,11 +34,11 @@ alone) and ``mmrec assign-sids``. It reports
   gives each one's validation NDCG@10, so what is left of SASRec's seed noise is visible. ``mmrec compare``
   pairs the two although their items tables differ: their catalogs (``catalog_sha256``) are the same.
 
-and appends one section (the fusion head's seeds as sections of their own after it) to ``--results``
-(``bench/RESULTS.md``). A variant whose ``assign-sids/report.json`` exists is not run again, nor is a stage of
+and appends to ``--results`` (``bench/RESULTS.md``) the variants' section as soon as both are made, then, once
+every fusion seed is tested, the fusion head's inputs and its seeds' sections: a session cut short during the
+fusion runs keeps the first (a resumed run appends it again). A variant whose ``assign-sids/report.json`` exists is not run again, nor is a stage of
 ``<runs>/<variant>-sids/`` already published or a seed already tested, and the refinement cache makes an
-interrupted ``refined`` prepare resume where it stopped, so the benchmark can span several device calls; the
-section is appended once everything is there. Nothing here is estimated: every figure is read from what the
+interrupted ``refined`` prepare resume where it stopped, so the benchmark can span several device calls. Nothing here is estimated: every figure is read from what the
 commands wrote.
 """
 
@@ -49,7 +49,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,12 +224,13 @@ def train_fusion_on_gpu(args: argparse.Namespace, variant: str, gpu: str) -> Non
 
 
 def train_all_fusion(args: argparse.Namespace) -> None:
-    """Both variants' fusion runs. On one GPU, both variants' inputs first, then seed by seed a plain and a refined
-    run, so that a session cut short leaves seeds that pair; with ``--fusion_gpus`` at once, a process and a GPU
-    each (the same GPU time, half the wall time)."""
+    """Both variants' fusion runs. On one GPU, both variants' inputs at once (SASRec and the quantizer take a few GiB
+    each, a fusion run up to 72), then seed by seed a plain and a refined run, one at a time, so that a session cut
+    short leaves seeds that pair; with ``--fusion_gpus`` all at once, a process and a GPU each (the same GPU time,
+    half the wall time)."""
     if not args.fusion_gpus:
-        for variant in VARIANTS:
-            fusion_inputs(args, variant)
+        with ThreadPoolExecutor(len(VARIANTS)) as pool:
+            list(pool.map(fusion_inputs, [args] * len(VARIANTS), VARIANTS))
         for seed in args.fusion_seeds:
             for variant in VARIANTS:
                 bench_seeds.run_seed(seeds_args(args, variant), seed)
@@ -249,7 +250,7 @@ def inputs_lines(args: argparse.Namespace) -> list[str]:
     """The fusion head's inputs: the commands, then per variant its SASRec's seed and best validation NDCG@10 (how far
     the two differ is what is left of SASRec's seed noise) and the text-SID collisions of its multimodal quantizer."""
     commands = "; ".join(f"`mmrec {stage} {' '.join(options)}`" for stage, options in inputs_stages(args).items())
-    lines = [(f"- fusion head (the sections below): per variant, in <runs>/<variant>-sids, {commands}; a SASRec per variant "
+    lines = [(f"- inputs (the sections below): per variant, in <runs>/<variant>-sids, {commands}; a SASRec per variant "
               "(the same config and seed), since mmrec refuses a fit-collab of another items table and `text_refined` makes "
               "the two differ")]
     for variant in VARIANTS:
@@ -275,7 +276,6 @@ def section(args: argparse.Namespace, rows: list[str]) -> str:
          "| prepare s | refinement |"),
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
-        *(["", *inputs_lines(args)] if args.fusion_seeds else []),
     ])
 
 
@@ -288,7 +288,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2", help="text.refine.model")
     parser.add_argument("--batch_size", type=int, default=256, help="text.refine.batch_size")
     parser.add_argument("--max_rounds", type=int, default=5, help="text.refine.max_rounds")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the section is appended to")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="Markdown file the sections are appended to")
     parser.add_argument("--prepare_option", action="append", default=[], metavar='"--KEY VALUE"',
                         help="an mmrec prepare option for both variants (repeatable): where the data, the text model are")
     parser.add_argument("--quantizer_option", action="append", default=[], metavar='"--KEY VALUE"',
@@ -321,11 +321,12 @@ def main() -> None:
         raise SystemExit(f"bench_text_refinement: {args.runs / 'refined'}/prepare: generation raised for {failed} "
                          "batch(es) (prepare's warning says why); no section written, since those items kept their "
                          "titles. Free the GPU or lower --batch_size and run again: the cache keeps what was refined")
-    rows = [variant_row(args, variant, times[variant]) for variant in VARIANTS]
+    append_section(args.results, section(args, [variant_row(args, variant, times[variant]) for variant in VARIANTS]))
     if args.fusion_seeds:
         train_all_fusion(args)
-    fusion = [fusion_section(args, variant) for variant in VARIANTS] if args.fusion_seeds else []
-    append_section(args.results, "\n\n".join([section(args, rows), *fusion]))
+        append_section(args.results, "\n\n".join([f"## The fusion head on plain and {args.model}-refined item text",
+                                                    "\n".join(inputs_lines(args)),
+                                                    *(fusion_section(args, variant) for variant in VARIANTS)]))
 
 
 if __name__ == "__main__":

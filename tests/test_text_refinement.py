@@ -324,8 +324,8 @@ def test_bench_refuses_a_refinement_whose_batches_raised(monkeypatch: pytest.Mon
 
 
 def test_bench_fusion_seeds_pair_up_on_one_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """On one GPU both variants' inputs come first, then each seed's plain and refined runs, so that a session
-    cut short leaves seeds that pair."""
+    """On one GPU both variants' inputs come first (at once, so in either order), then each seed's plain and
+    refined runs, so that a session cut short leaves seeds that pair."""
     monkeypatch.syspath_prepend(str(ROOT / "bench"))
     bench = importlib.import_module("bench_text_refinement")
     calls: list[tuple[str, ...]] = []
@@ -334,5 +334,31 @@ def test_bench_fusion_seeds_pair_up_on_one_gpu(monkeypatch: pytest.MonkeyPatch, 
     args = argparse.Namespace(runs=tmp_path, fusion_seeds=[42, 43], fusion_config=["f.yaml"], test_config="t.yaml",
                               fusion_option=[], fusion_gpus=[])
     bench.train_all_fusion(args)
-    assert calls == [("inputs", "plain"), ("inputs", "refined"), ("plain-fusion", "42"), ("refined-fusion", "42"),
-                     ("plain-fusion", "43"), ("refined-fusion", "43")]
+    assert sorted(calls[:2]) == [("inputs", "plain"), ("inputs", "refined")]
+    assert calls[2:] == [("plain-fusion", "42"), ("refined-fusion", "42"), ("plain-fusion", "43"),
+                         ("refined-fusion", "43")]
+
+
+def test_bench_keeps_the_variants_section_when_the_fusion_runs_are_cut(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The variants' table is appended before the fusion runs start: a device session cut short during them
+    keeps it (its retrieval figures exist nowhere else), and the fusion sections follow only once every seed ran."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    bench = importlib.import_module("bench_text_refinement")
+    monkeypatch.setattr(bench, "run_variant", lambda args, variant: {})
+    monkeypatch.setattr(bench, "failed_batches", lambda run_dir: 0)
+    monkeypatch.setattr(bench, "variant_row", lambda args, variant, times: f"| {variant} | row |")
+
+    def cut(args: argparse.Namespace) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "train_all_fusion", cut)
+    results = tmp_path / "RESULTS.md"
+    monkeypatch.setattr("sys.argv", ["bench_text_refinement.py", "--runs", str(tmp_path), "--results", str(results),
+                                     "--fusion_seeds", "42"])
+    with pytest.raises(KeyboardInterrupt):
+        bench.main()
+    text = results.read_text()
+    assert "| plain | row |" in text and "| refined | row |" in text
+    assert "fusion head on plain" not in text
