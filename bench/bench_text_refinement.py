@@ -161,6 +161,9 @@ def variant_row(args: argparse.Namespace, variant: str, times: dict[str, float])
         rounds = " ".join(f"{r}:{n:,}" for r, n in refine["rounds_histogram"].items()) or "none"
         cost = (f"{refine['wall_time_s']:.0f} s, {refine['generations']:,} generations, {refine['accepted']:,} accepted, "
                 f"rounds {rounds}, {refine['failed']:,} failed, {refine['cache_hits']:,} cache hits")
+        if "distinct_refined" in refine:  # recorded since session 16
+            cost += (f", {refine['distinct_refined']:,} distinct descriptions of {refine['distinct_texts']:,} distinct "
+                     f"texts (largest shared by {refine['largest_shared']:,})")
     prepare_s = f"{times['prepare']:.0f}" if "prepare" in times else "(earlier run)"
     return (f"| {variant} | {collisions['colliding_items']:,} ({collisions['collision_rate']:.2%}), "
             f"{collisions['colliding_tuples']:,} tuples, largest {collisions['largest_group']} | {kept.recall:.4f} | "

@@ -104,6 +104,37 @@ def test_blank_answers_and_raising_batches_keep_the_original_text(tmp_path: Path
     assert second.summary["cache_hits"] == 3 and {p.split("|")[1] for p in again.prompts} == {"y", "boom"}  # blanks not
 
 
+def test_collapsed_or_never_accepted_descriptions_are_counted_and_warned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model that answers many items with one sentence (SmolLM2-135M on Beauty put 3,116 items on one) fails
+    no count: the answers are neither blank nor errors. The summary counts the distinct descriptions, and one
+    warning line says so, as it does when the evaluator accepted none."""
+
+    def generic(prompts: list[str]) -> list[str]:
+        return ["The product is not accurate." if prompt.startswith(("S", "R")) else "too vague" for prompt in prompts]
+
+    texts = ["a", "b", "c", "a", None]
+    collapsed = refine_texts(texts, RefineOptions(**{**vars(SCRIPTED), "cache": False}),
+                             generator=lambda options, seed: generic)
+    summary = collapsed.summary
+    assert collapsed.texts == ["The product is not accurate."] * 4 + [None]
+    assert (summary["distinct_texts"], summary["distinct_refined"], summary["largest_shared"]) == (3, 1, 4)
+    warning = capsys.readouterr().err.strip()
+    assert warning.count("\n") == 0 and "warning: text.refine" in warning
+    assert "3 distinct texts became 1 distinct descriptions, one shared by 4 items" in warning
+    assert "the evaluator accepted none of 4" in warning
+
+    healthy = refine_texts(texts, SCRIPTED, cache_dir=str(tmp_path),
+                           generator=ScriptedLoader(ScriptedModel({"a": 0, "b": 1, "c": 0})))
+    assert (healthy.summary["distinct_texts"], healthy.summary["distinct_refined"]) == (3, 3)
+    assert healthy.summary["largest_shared"] == 2 and capsys.readouterr().err == ""  # the two a's: one text
+    never = refine_texts(["x"], RefineOptions(**{**vars(SCRIPTED), "cache": False}),
+                         generator=ScriptedLoader(ScriptedModel({})))
+    assert never.texts == ["x v4"] and "accepted none of 1, so each was rewritten 4 time(s)" in capsys.readouterr().err
+    assert text_refinement.degenerate_warning({**healthy.summary, "refined": 0}) is None
+
+
 def test_cache_answers_a_second_run_and_survives_a_corrupt_entry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     texts = ["a", "b", None]
     first = refine_texts(texts, SCRIPTED, cache_dir=str(tmp_path), generator=ScriptedLoader(ScriptedModel({"a": 0, "b": 1})))
@@ -362,3 +393,31 @@ def test_bench_keeps_the_variants_section_when_the_fusion_runs_are_cut(
     text = results.read_text()
     assert "| plain | row |" in text and "| refined | row |" in text
     assert "fusion head on plain" not in text
+
+
+def test_an_interrupted_refinement_keeps_the_chunks_it_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outcomes are cached chunk by chunk (``CHUNK_ITEMS``, at least one batch), so a run killed part-way, as a
+    device session that ends is, costs only the chunk it was in."""
+    monkeypatch.setattr(text_refinement, "CHUNK_ITEMS", 3)  # batches of 2: chunks [a b c] [d e f] [g]
+
+    class Killed(BaseException):  # as a kill is: not a batch error that the loop absorbs
+        pass
+
+    class KilledAt(ScriptedModel):
+        def __call__(self, prompts: list[str]) -> list[str]:
+            if any(prompt.split("|")[1] == "e" for prompt in prompts):
+                raise Killed
+            return super().__call__(prompts)
+
+    texts = list("abcdefg")
+    with pytest.raises(Killed):
+        refine_texts(texts, SCRIPTED, cache_dir=str(tmp_path), generator=ScriptedLoader(KilledAt({})))
+    resumed = ScriptedModel({})
+    again = refine_texts(texts, SCRIPTED, cache_dir=str(tmp_path), generator=ScriptedLoader(resumed))
+    assert again.summary["cache_hits"] == 3 and {prompt.split("|")[1] for prompt in resumed.prompts} == set("defg")
+    monkeypatch.setattr(text_refinement, "CHUNK_ITEMS", 1)  # never below one batch
+    batches = ScriptedModel({})
+    refine_texts(["p", "q"], SCRIPTED, cache_dir=str(tmp_path), generator=ScriptedLoader(batches))
+    assert batches.prompts[:2] == ["S|p", "S|q"]

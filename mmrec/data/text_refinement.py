@@ -47,8 +47,13 @@ Generate = Callable[[list[str]], list[str]]
 
 CACHE_FOLDER = "text-refinement"
 CACHE_VERSION = 1
-CHUNK_BATCHES = 16
-"""Items are refined and cached this many batches at a time, so that an interrupted run keeps its work."""
+CHUNK_ITEMS = 4096
+"""Items are refined and cached this many at a time (or one batch, when larger), so that an interrupted run keeps
+its work: at batches of 1,024 on an H200, SmolLM2-135M takes some 7 minutes for 4,096 items (5 rounds each)."""
+COLLAPSE_SHARE = 0.9
+"""A refinement whose descriptions are fewer than this share of the distinct texts it rewrote is reported as
+collapsed: many items then read the same to the text embedding (SmolLM2-135M on Beauty: 12,066 distinct titles
+became 6,518 descriptions, one of them shared by 3,116 items, ``bench/RESULTS.md`` session 16)."""
 
 SUMMARIZE = (
     "Here is an e-commerce product listing:\n{text}\n\n"
@@ -397,7 +402,39 @@ def refine_texts(
     items = [outcomes[text] for text in texts if text in outcomes]
     cache_hits = sum(text in from_cache for text in texts)
     summary = _summary(options, identity, items, cache_hits, loop, time.perf_counter() - start)
+    summary.update(diversity(texts, outcomes))
+    if warning := degenerate_warning(summary):
+        print(warning, file=sys.stderr)
     return Refinement([outcomes[text].text if text in outcomes else text for text in texts], summary)
+
+
+def diversity(texts: list[str | None], outcomes: dict[str, ItemRefinement]) -> dict[str, int]:
+    """How many distinct descriptions the refined items' distinct texts became, and the most items that share
+    one. A model that answers many items with one generic sentence (or with the evaluator's verdict) shows here,
+    and nowhere else in the counts: such an answer is neither blank nor an error."""
+    done = [(text, outcomes[text].text) for text in texts if text in outcomes and outcomes[text].failed is None]
+    shared = Counter(refined for _, refined in done)
+    return {"distinct_texts": len({text for text, _ in done}), "distinct_refined": len(shared),
+            "largest_shared": max(shared.values(), default=0)}
+
+
+def degenerate_warning(summary: dict[str, Any]) -> str | None:
+    """One warning line when the descriptions collapsed (:data:`COLLAPSE_SHARE`) or the evaluator accepted none
+    (each description then went through every round of critique without a verdict), else ``None``."""
+    if not summary["refined"]:
+        return None
+    problems = []
+    if summary["distinct_refined"] < COLLAPSE_SHARE * summary["distinct_texts"]:
+        problems.append(f"{summary['distinct_texts']:,} distinct texts became {summary['distinct_refined']:,} distinct "
+                        f"descriptions, one shared by {summary['largest_shared']:,} items")
+    if summary["max_rounds"] and not summary["accepted"]:
+        problems.append(f"the evaluator accepted none of {summary['refined']:,}, so each was rewritten "
+                        f"{summary['max_rounds']} time(s) without a verdict")
+    if not problems:
+        return None
+    return (f"mmrec prepare: warning: text.refine: {summary['model']}'s descriptions look degenerate: "
+            f"{'; '.join(problems)}. Read items.parquet's text_refined before using them; a larger instruction "
+            "model (text.refine.model) may be needed")
 
 
 def cached_outcomes(paths: dict[str, Path]) -> dict[str, ItemRefinement]:
@@ -424,7 +461,7 @@ def generated_outcomes(
     raised, which the next run retries); ``total`` accumulates the generation counts."""
     outcomes = {}
     progress = tqdm(total=len(texts), desc="text refinement", unit="item", disable=None)
-    size = options.batch_size * CHUNK_BATCHES
+    size = max(options.batch_size, CHUNK_ITEMS)
     for chunk_texts in (texts[start:start + size] for start in range(0, len(texts), size)):
         chunk = refinement_loop(chunk_texts, generate, options)
         _absorb(total, chunk)

@@ -163,12 +163,15 @@ def report(folder: Path, summary: dict[str, Any]) -> str:
 
 
 def refinement_line(refine: dict[str, Any]) -> str:
-    """One line on ``text.refine``: items, model, rounds taken, failures, cache hits, wall time."""
+    """One line on ``text.refine``: items, model, rounds taken, failures, cache hits, wall time, and how many
+    distinct descriptions came out (a collapse onto a few generic sentences shows only there)."""
     rounds = " ".join(f"{rounds}:{count:,}" for rounds, count in refine["rounds_histogram"].items()) or "none"
     return (
         f"  refined text: {refine['items']:,} items by {refine['model']} in {refine['wall_time_s']:.1f} s, "
         f"{refine['accepted']:,} accepted by the evaluator, rounds {rounds}, {refine['failed']:,} failed (original "
         f"text kept), {refine['cache_hits']:,} cache hits, {refine['generations']:,} generations"
+        + (f", {refine['distinct_refined']:,} distinct descriptions of {refine['distinct_texts']:,} distinct texts "
+           f"(largest shared by {refine['largest_shared']:,})" if refine["refined"] else "")
     )
 
 
