@@ -26,8 +26,8 @@ alone) and ``mmrec assign-sids``. It reports
   ``--trainer.max_time null`` so that early stopping, not a shared GPU's speed, ends it, and ``mmrec test
   --model fusion`` on the test split), its mean ± std over seeds, and ``mmrec compare`` of the refined seeds
   against the plain ones. On one GPU both variants' inputs are made first, at once, then the seeds go plain,
-  refined, seed by seed; ``--fusion_gpus 0 1`` runs the two variants at once, one GPU each, after the text part. Make both
-  variants on one machine: the same titles gave 113 text-SID collisions on an H200 and 139 on a CPU.
+  refined, seed by seed; ``--fusion_gpus 0 1`` runs the two variants at once, one GPU each, after the text part.
+  Make both variants on one machine: the same titles gave 113 text-SID collisions on an H200 and 139 on a CPU.
   The refined variant cannot reuse the plain variant's SASRec although SASRec reads only the interactions:
   ``text_refined`` makes the two ``items.parquet`` differ, and every stage refuses a ``fit-collab`` of another
   items table (``RunFolder.open``'s lineage check). Both train it with the same config and seed; the section
@@ -36,10 +36,10 @@ alone) and ``mmrec assign-sids``. It reports
 
 and appends to ``--results`` (``bench/RESULTS.md``) the variants' section as soon as both are made, then, once
 every fusion seed is tested, the fusion head's inputs and its seeds' sections: a session cut short during the
-fusion runs keeps the first (a resumed run appends it again). A variant whose ``assign-sids/report.json`` exists is not run again, nor is a stage of
-``<runs>/<variant>-sids/`` already published or a seed already tested, and the refinement cache makes an
-interrupted ``refined`` prepare resume where it stopped, so the benchmark can span several device calls. Nothing here is estimated: every figure is read from what the
-commands wrote.
+fusion runs keeps the first (a resumed run appends it again). A variant whose ``assign-sids/report.json`` exists
+is not run again, nor is a stage of ``<runs>/<variant>-sids/`` already published or a seed already tested, and
+the refinement cache makes an interrupted ``refined`` prepare resume where it stopped, so the benchmark can span
+several device calls. Nothing here is estimated: every figure is read from what the commands wrote.
 """
 
 from __future__ import annotations

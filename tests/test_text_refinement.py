@@ -175,6 +175,8 @@ def test_prepare_embeds_the_refined_text(
     refine = Manifest.read(tmp_path / "run" / "prepare").extra["text_refine"]
     assert refine["rounds_histogram"] == {"2": 5} and refine["accepted"] == 0 and refine["max_rounds"] == 2
     assert "refined text: 5 items by tiny" in out and "rounds 2:5" in out
+    assert "5 distinct descriptions of 5 distinct texts (largest shared by 1)" in out
+    assert err.count("descriptions look degenerate") == 1 and "accepted none of 5" in err  # the scripted evaluator never stops
     code, _, err = run(capsys, *args, "--text.enabled", "false", "--run_dir", str(tmp_path / "no-embeddings"))
     assert code == 0, err
     assert PreparedData(tmp_path / "no-embeddings").items.column("text_refined").to_pylist() == items["text_refined"]
