@@ -462,10 +462,12 @@ PY
       SEED_JOBS+=("$job")
     fi
   done
+  NEW_JOB=  # the new-item protocol's one job, if needed: its inputs, or SASRec's seeds on given inputs
+  if [ -z "${NEW_INPUTS:-}" ]; then
+    if [ -n "${READ[new]:-}${NEW_BESIDE:-}" ]; then NEW_JOB=inputs@new; fi
+  elif [ -n "${READ[new]:-}" ] && [ -z "${NEW_SASREC_TESTS:-}" ]; then NEW_JOB=sasrec@new; fi
   JOBS=()
-  if [ -n "${READ[new]:-}" ]; then
-    if [ -z "${NEW_INPUTS:-}" ]; then [ -n "${NEW_BESIDE:-}" ] || JOBS+=(inputs@new); elif [ -z "${NEW_SASREC_TESTS:-}" ]; then [ -n "${NEW_BESIDE:-}" ] || JOBS+=(sasrec@new); fi
-  fi
+  if [ -n "$NEW_JOB" ] && [ -z "${NEW_BESIDE:-}" ]; then JOBS+=("$NEW_JOB"); fi
   for variant in "${TESTED[@]}"; do
     if [ "$(baseline_of "${INPUTS_OF[$variant]:-llm}")" = llm ] && [ -z "${SASREC_TESTS:-}" ]; then JOBS+=(sasrec@llm); break; fi
   done
@@ -515,14 +517,10 @@ PY
   fi
   if [ -n "$pipeline" ]; then wait "$pipeline"; pipeline=; fi  # GPU 0 times the pipeline alone
   worker 0 &
-  BESIDE_JOB=  # light beside GPU 0's queue (MiniLM, SASRec, the quantizer: a few GiB)
-  if [ -z "${NEW_BESIDE:-}" ]; then :
-  elif [ -z "${NEW_INPUTS:-}" ]; then BESIDE_JOB=inputs@new
-  elif [ -n "${READ[new]:-}" ] && [ -z "${NEW_SASREC_TESTS:-}" ]; then BESIDE_JOB=sasrec@new; fi
-  if [ -n "$BESIDE_JOB" ]; then
-    (  # after the timing reference if any
+  if [ -n "$NEW_JOB" ] && [ -n "${NEW_BESIDE:-}" ]; then
+    (  # light beside GPU 0's queue (MiniLM, SASRec, the quantizer: a few GiB), after the timing reference if any
       if phase ddp-quality; then wait_for "$QUEUE/shipped@42@test/done"; fi
-      mkdir -p "$QUEUE/$BESIDE_JOB" && run_job 0 "$BESIDE_JOB"
+      mkdir -p "$QUEUE/$NEW_JOB" && run_job 0 "$NEW_JOB"
     ) &
   fi
   # not a bare wait for the summaries: that would also wait for the workers
