@@ -201,3 +201,29 @@ def test_slices_must_be_there_and_alike(tmp_path: Path, capsys: pytest.CaptureFi
     assert not list(tmp_path.glob("compare-*.json"))
     assert compare([a], [[plain]], resamples=10)["n_users"] == NUM_USERS  # without --slices nothing is read of them
 
+
+
+def test_variants_of_one_model_are_labelled_by_the_folder_that_tells_them_apart(tmp_path: Path) -> None:
+    """Plain against refined text, both tested as ``fusion-test`` over two seeds: the table, the JSON and the
+    default file name name the variants, and a parent that only the seeds vary reads ``*``."""
+    sides = {variant: [write_folder(tmp_path / variant / f"seed{seed}" / "test" / "fusion-test",
+                                    random_ranks(seed + offset, 0.4)) for seed in (42, 43)]
+             for variant, offset in (("plain", 0), ("refined", 10))}
+    assert mmrec(["compare", "--baseline", *map(str, sides["plain"]), "--candidate", *map(str, sides["refined"]),
+                  "--bootstrap", "200"]) == 0
+    written = list((tmp_path / "plain" / "seed42" / "test").glob("compare-*.json"))
+    assert [path.name for path in written] == ["compare-plain_test_fusion-test-vs-refined_test_fusion-test.json"]
+    result = json.loads(written[0].read_text())
+    assert result["baseline"]["label"] == "plain/*/test/fusion-test"
+    assert result["comparisons"][0]["candidate"]["label"] == "refined/*/test/fusion-test"
+
+
+def test_distinct_folder_names_stay_the_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = write_folder(tmp_path / "run" / "test" / "sasrec-test", random_ranks(0, 0.5))
+    b = write_folder(tmp_path / "run" / "test" / "fusion-test", random_ranks(1, 0.5))
+    c = write_folder(tmp_path / "other" / "test" / "fusion-test", random_ranks(2, 0.5))
+    assert mmrec(["compare", str(a), str(b), "--bootstrap", "100"]) == 0
+    assert "* sasrec-test" in capsys.readouterr().out
+    result = compare([a], [[b], [c]], resamples=10)
+    assert [result["baseline"]["label"], *(side["candidate"]["label"] for side in result["comparisons"])] == [
+        "sasrec-test", "run/test/fusion-test", "other/test/fusion-test"]

@@ -201,14 +201,42 @@ def paired_statistics(baseline: np.ndarray, candidate: np.ndarray, resamples: in
     }
 
 
-def side_summary(folders: Sequence[TestFolder], k: int) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def side_labels(sides: Sequence[Sequence[Path]]) -> list[str]:
+    """One label per side: the folders' name; sides that share a label are lengthened by parent folders until
+    they differ.
+
+    Two variants tested alike have folders of one name (``plain/test/fusion-test`` against
+    ``refined/test/fusion-test``), and a table that called both ``fusion-test`` would not say which is which.
+    Within a side, folder names that differ are joined with ``+``; parents that differ (the seeds' run folders)
+    read ``*``, as the shell pattern that named them would: ``plain/*/test/fusion-test``.
+    """
+    resolved = [[path.resolve() for path in side] for side in sides]
+    depth = min(len(path.parts) for side in resolved for path in side)
+
+    def label(side: list[Path], length: int) -> str:
+        parts = []
+        for back in range(length, 0, -1):
+            values = sorted({path.parts[-back] for path in side})
+            parts.append(values[0] if len(values) == 1 else "+".join(values) if back == 1 else "*")
+        return "/".join(parts)
+
+    lengths = [1] * len(resolved)
+    while True:
+        labels = [label(side, length) for side, length in zip(resolved, lengths)]
+        shared = [i for i, text in enumerate(labels) if labels.count(text) > 1 and lengths[i] < depth - 1]
+        if not shared:
+            return labels
+        for i in shared:
+            lengths[i] += 1
+
+
+def side_summary(folders: Sequence[TestFolder], k: int, label: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """A side's description (folders, per-seed means, mean and std over seeds) and its seed-averaged per-user metrics."""
     per_seed = [folder.per_user(k) for folder in folders]
     names = list(per_seed[0])
     seed_means = {name: [float(values[name].mean()) for values in per_seed] for name in names}
-    names_of = sorted({folder.path.name for folder in folders})
     summary = {
-        "label": names_of[0] if len(names_of) == 1 else "+".join(names_of),
+        "label": label,
         "folders": [str(folder.path) for folder in folders],
         "per_seed": seed_means,
         "mean": {name: float(np.mean(means)) for name, means in seed_means.items()},
@@ -251,10 +279,11 @@ def compare(
     for folder in [*base, *(folder for side in sides for folder in side)]:
         cross_check(folder, k)
     positions = common_slices(first, [*base[1:], *(folder for side in sides for folder in side)]) if slices else {}
-    base_summary, base_values = side_summary(base, k)
+    base_label, *labels = side_labels([[folder.path for folder in side] for side in [base, *sides]])
+    base_summary, base_values = side_summary(base, k, base_label)
     comparisons = []
-    for side in sides:
-        summary, values = side_summary(side, k)
+    for side, label in zip(sides, labels):
+        summary, values = side_summary(side, k, label)
         metrics = {name: paired_statistics(base_values[name], values[name], resamples, seed) for name in base_values}
         comparison: dict[str, Any] = {"candidate": summary, "metrics": metrics}
         if slices:

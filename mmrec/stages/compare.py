@@ -25,11 +25,11 @@ from mmrec.evaluation.compare import format_comparison
 from mmrec.stages.arguments import parse_or_refuse, stage_parser
 
 
-def default_output(baseline: list[str], candidates: list[list[str]]) -> Path:
-    """``<first folder's parent>/compare-<baseline name>-vs-<candidate names>.json``."""
-    names = [Path(baseline[0]).name, *(Path(side[0]).name for side in candidates)]
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-vs-".join(names))
-    return Path(baseline[0]).resolve().parent / f"compare-{slug}.json"
+def default_output(first_folder: str, result: dict[str, Any]) -> Path:
+    """``<first folder's parent>/compare-<baseline label>-vs-<candidate labels>.json``."""
+    labels = [result["baseline"]["label"], *(side["candidate"]["label"] for side in result["comparisons"])]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-vs-".join(labels))
+    return Path(first_folder).resolve().parent / f"compare-{slug}.json"
 
 
 def compare(
@@ -46,7 +46,7 @@ def compare(
         bootstrap: paired bootstrap resamples for the 95% confidence interval.
         seed: seed of the bootstrap resampling, so the interval is reproducible.
         slices: also compare within each slice of the users (folders tested with ``mmrec test --slices true``).
-        output: JSON file to write; default ``<first folder's parent>/compare-<names>.json``.
+        output: JSON file to write; default ``<first folder's parent>/compare-<labels>.json``.
     """
     if folders and (baseline or candidate):
         raise InputError("give either positional folders or --baseline/--candidate, not both")
@@ -54,7 +54,7 @@ def compare(
         raise InputError("--baseline and --candidate go together, each with one or more test folders")
     base, sides = (baseline, [candidate]) if baseline else (folders[:1], [[folder] for folder in folders[1:]])
     result = compare_folders(base, sides, k, bootstrap, seed, slices)
-    path = Path(output) if output else default_output(base, sides)
+    path = Path(output) if output else default_output(base[0], result)
     with atomic_file(path) as partial:
         partial.write_text(json.dumps(result, indent=2) + "\n")
     print(format_comparison(result))
