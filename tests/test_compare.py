@@ -202,7 +202,6 @@ def test_slices_must_be_there_and_alike(tmp_path: Path, capsys: pytest.CaptureFi
     assert compare([a], [[plain]], resamples=10)["n_users"] == NUM_USERS  # without --slices nothing is read of them
 
 
-
 def test_variants_of_one_model_are_labelled_by_the_folder_that_tells_them_apart(tmp_path: Path) -> None:
     """Plain against refined text, both tested as ``fusion-test`` over two seeds: the table, the JSON and the
     default file name name the variants, and a parent that only the seeds vary reads ``*``."""
@@ -218,7 +217,7 @@ def test_variants_of_one_model_are_labelled_by_the_folder_that_tells_them_apart(
     assert result["comparisons"][0]["candidate"]["label"] == "refined/*/test/fusion-test"
 
 
-def test_distinct_folder_names_stay_the_labels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_only_sides_that_share_a_name_are_lengthened(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a = write_folder(tmp_path / "run" / "test" / "sasrec-test", random_ranks(0, 0.5))
     b = write_folder(tmp_path / "run" / "test" / "fusion-test", random_ranks(1, 0.5))
     c = write_folder(tmp_path / "other" / "test" / "fusion-test", random_ranks(2, 0.5))
