@@ -58,6 +58,7 @@ import numpy as np
 import torch
 from common import RESULTS, append_section, git_commit, machine, mmrec, option_words, read_json, read_json_if_any
 
+from mmrec.data.text_refinement import diversity_text
 from mmrec.metrics.ranking import RankingMetrics, target_ranks
 
 VARIANTS = ("plain", "refined")
@@ -162,8 +163,7 @@ def variant_row(args: argparse.Namespace, variant: str, times: dict[str, float])
         cost = (f"{refine['wall_time_s']:.0f} s, {refine['generations']:,} generations, {refine['accepted']:,} accepted, "
                 f"rounds {rounds}, {refine['failed']:,} failed, {refine['cache_hits']:,} cache hits")
         if "distinct_refined" in refine:  # recorded since session 16
-            cost += (f", {refine['distinct_refined']:,} distinct descriptions of {refine['distinct_texts']:,} distinct "
-                     f"texts (largest shared by {refine['largest_shared']:,})")
+            cost += f", {diversity_text(refine)}"
     prepare_s = f"{times['prepare']:.0f}" if "prepare" in times else "(earlier run)"
     return (f"| {variant} | {collisions['colliding_items']:,} ({collisions['collision_rate']:.2%}), "
             f"{collisions['colliding_tuples']:,} tuples, largest {collisions['largest_group']} | {kept.recall:.4f} | "

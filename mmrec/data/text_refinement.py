@@ -418,6 +418,12 @@ def diversity(texts: list[str | None], outcomes: dict[str, ItemRefinement]) -> d
             "largest_shared": max(shared.values(), default=0)}
 
 
+def diversity_text(summary: dict[str, Any]) -> str:
+    """The counts of :func:`diversity` as the reports print them (``prepare``'s line, the benchmark's table)."""
+    return (f"{summary['distinct_refined']:,} distinct descriptions of {summary['distinct_texts']:,} distinct texts "
+            f"(largest shared by {summary['largest_shared']:,})")
+
+
 def degenerate_warning(summary: dict[str, Any]) -> str | None:
     """One warning line when the descriptions collapsed (:data:`COLLAPSE_SHARE`) or the evaluator accepted none
     (each description then went through every round of critique without a verdict), else ``None``."""

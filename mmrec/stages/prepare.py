@@ -25,6 +25,7 @@ from mmrec.data.preparation import Prepared, build_prepared
 from mmrec.data.sources import Source, Synthetic
 from mmrec.data.split import MIN_SPLIT_LENGTH, SplitOptions
 from mmrec.data.text_embeddings import TextOptions
+from mmrec.data.text_refinement import diversity_text
 from mmrec.errors import InputError, MMRecError
 from mmrec.stages.arguments import one_line, parse_or_refuse, stage_parser
 
@@ -170,8 +171,7 @@ def refinement_line(refine: dict[str, Any]) -> str:
         f"  refined text: {refine['items']:,} items by {refine['model']} in {refine['wall_time_s']:.1f} s, "
         f"{refine['accepted']:,} accepted by the evaluator, rounds {rounds}, {refine['failed']:,} failed (original "
         f"text kept), {refine['cache_hits']:,} cache hits, {refine['generations']:,} generations"
-        + (f", {refine['distinct_refined']:,} distinct descriptions of {refine['distinct_texts']:,} distinct texts "
-           f"(largest shared by {refine['largest_shared']:,})" if refine["refined"] else "")
+        + (f", {diversity_text(refine)}" if refine["refined"] else "")
     )
 
 
